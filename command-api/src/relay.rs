@@ -1,0 +1,187 @@
+//! The outbox relay: publishes committed records to RabbitMQ and only then
+//! deletes their outbox rows. Each replica runs one; `FOR UPDATE SKIP LOCKED`
+//! lets replicas share the outbox without publishing a row twice at once.
+//!
+//! A round: lock up to `RELAY_BATCH_SIZE` outbox rows (oldest first), publish
+//! them as messages of up to `RELAY_MESSAGE_RECORDS` records each, wait for
+//! every publisher confirm, delete the rows, commit. If anything fails the
+//! transaction rolls back and the rows are published again later: delivery
+//! is at least once, and the projector's apply is idempotent.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    publisher_confirm::Confirmation,
+    BasicProperties, Channel,
+};
+use shared::{amqp, bus, shutdown::Shutdown, Record, Settings};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+#[derive(Default)]
+pub struct RelayStatus {
+    connected: AtomicBool,
+}
+
+impl RelayStatus {
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("broker: {0}")]
+    Amqp(#[from] amqp::AmqpError),
+    #[error("broker did not confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("broker refused a message: {0}")]
+    Refused(&'static str),
+    #[error("record: {0}")]
+    Record(#[from] shared::ApiError),
+}
+
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub async fn run(
+    pool: PgPool,
+    settings: Settings,
+    wake: Arc<Notify>,
+    status: Arc<RelayStatus>,
+    mut shutdown: Shutdown,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_triggered() {
+        match connect(&settings).await {
+            Ok((conn, channel)) => {
+                status.connected.store(true, Ordering::Relaxed);
+                backoff = Duration::from_millis(100);
+                tracing::info!("relay connected to RabbitMQ");
+                if let Err(e) = drain(&pool, &channel, &settings, &wake, &mut shutdown).await {
+                    tracing::warn!(error = %e, "relay round failed; will retry");
+                }
+                status.connected.store(false, Ordering::Relaxed);
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "relay stopping")).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "relay cannot reach RabbitMQ; records wait in the outbox"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn connect(settings: &Settings) -> Result<(lapin::Connection, Channel), RelayError> {
+    let conn = amqp::connect(&settings.amqp_url, Duration::from_secs(5)).await?;
+    let channel = conn.create_channel().await?;
+    amqp::declare_topology(&channel, settings).await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok((conn, channel))
+}
+
+async fn drain(
+    pool: &PgPool,
+    channel: &Channel,
+    settings: &Settings,
+    wake: &Notify,
+    shutdown: &mut Shutdown,
+) -> Result<(), RelayError> {
+    loop {
+        let published = publish_round(pool, channel, settings).await?;
+        if published as i64 >= settings.relay_batch_size {
+            continue; // more is waiting
+        }
+        if shutdown.is_triggered() {
+            return Ok(());
+        }
+        // Committed by this process: woken at once. By another replica or a
+        // process that died after its commit: found at the next poll.
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(settings.relay_poll_interval) => {}
+            _ = shutdown.wait() => {
+                // One last round so that what was just committed leaves now.
+                publish_round(pool, channel, settings).await?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn publish_round(pool: &PgPool, channel: &Channel, settings: &Settings) -> Result<usize, RelayError> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(
+        "SELECT r.seq, r.id, r.kind, r.key, r.payload::text AS payload, r.created_at \
+         FROM (SELECT seq FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) o \
+         JOIN records r ON r.seq = o.seq ORDER BY r.seq",
+    )
+    .bind(settings.relay_batch_size)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let records: Vec<Record> = rows
+        .iter()
+        .map(crate::store::record_from_row)
+        .collect::<Result<_, _>>()?;
+
+    let mut confirms = Vec::with_capacity(records.len() / settings.relay_message_records + 1);
+    for chunk in records.chunks(settings.relay_message_records.max(1)) {
+        let body = serde_json::to_vec(&bus::RecordsMessage {
+            v: bus::MESSAGE_VERSION,
+            records: chunk.to_vec(),
+        })
+        .map_err(|_| RelayError::Refused("unserialisable"))?;
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_type(bus::MESSAGE_TYPE.into());
+        let confirm = channel
+            .basic_publish(
+                &settings.amqp_exchange,
+                "",
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                props,
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    let all = futures_util::future::try_join_all(confirms);
+    let confirmations = tokio::time::timeout(CONFIRM_TIMEOUT, all)
+        .await
+        .map_err(|_| RelayError::ConfirmTimeout(CONFIRM_TIMEOUT))??;
+    for c in confirmations {
+        match c {
+            Confirmation::Ack(None) => {}
+            Confirmation::Ack(Some(_)) => return Err(RelayError::Refused("unroutable (no queue bound)")),
+            Confirmation::Nack(_) => return Err(RelayError::Refused("nack")),
+            Confirmation::NotRequested => return Err(RelayError::Refused("confirms not enabled")),
+        }
+    }
+    let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
+    sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
+        .bind(&seqs)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::debug!(records = seqs.len(), "relayed");
+    Ok(seqs.len())
+}

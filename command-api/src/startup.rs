@@ -1,0 +1,105 @@
+//! Building and running the command API: pool, migrations, relay, server.
+
+use std::{net::TcpListener, sync::Arc, time::Duration};
+
+use actix_web::{dev::Server, middleware::from_fn, web, App, HttpServer};
+use shared::{db, http, shutdown, telemetry, Settings};
+use sqlx::PgPool;
+use tokio::{sync::Notify, task::JoinHandle};
+
+use crate::relay::{self, RelayStatus};
+
+pub struct AppState {
+    pub pool: PgPool,
+    pub relay_wake: Arc<Notify>,
+    pub relay_status: Arc<RelayStatus>,
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    relay: JoinHandle<()>,
+    stop_relay: shutdown::ShutdownTrigger,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = db::pool(&settings.database_url, &settings, "command-api")?;
+        if settings.run_migrations {
+            db::WRITE_MIGRATOR.run(&pool).await?;
+        }
+        let relay_wake = Arc::new(Notify::new());
+        let relay_status = Arc::new(RelayStatus::default());
+        let (stop_relay, stopped) = shutdown::channel();
+        let relay = tokio::spawn(relay::run(
+            pool.clone(),
+            settings.clone(),
+            relay_wake.clone(),
+            relay_status.clone(),
+            stopped,
+        ));
+
+        let listener = TcpListener::bind(settings.bind_address())?;
+        let port = listener.local_addr()?.port();
+        let state = web::Data::new(AppState {
+            pool,
+            relay_wake,
+            relay_status,
+        });
+        let limit = http::InFlightLimit::new(settings.max_in_flight);
+        let server = HttpServer::new(move || {
+            App::new()
+                .wrap(from_fn(http::shed_load))
+                .wrap(from_fn(telemetry::track_requests))
+                .app_data(state.clone())
+                .app_data(limit.clone())
+                .app_data(http::query_config())
+                .app_data(http::path_config())
+                .configure(crate::routes::configure)
+                .default_service(web::to(http::fallback))
+        })
+        .listen(listener)?
+        .shutdown_timeout(settings.shutdown_timeout.as_secs())
+        .client_request_timeout(Duration::from_secs(5))
+        .client_disconnect_timeout(Duration::from_secs(1))
+        .run();
+        Ok(Self {
+            port,
+            server,
+            relay,
+            stop_relay,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle that stops the server gracefully (what SIGTERM does).
+    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until SIGTERM/SIGINT: in-flight requests finish, then the relay
+    /// drains what it holds and stops.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        tracing::info!(port = self.port, "command-api listening");
+        self.server.await?;
+        self.stop_relay.trigger();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.relay).await;
+        tracing::info!("command-api stopped");
+        Ok(())
+    }
+}
+
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let pool = db::pool(&settings.database_url, settings, "command-api-migrate")?;
+    db::WRITE_MIGRATOR.run(&pool).await?;
+    tracing::info!("write-side migrations applied");
+    Ok(())
+}
+
+/// For container health checks without curl in the image.
+pub async fn healthcheck(port: u16) -> anyhow::Result<()> {
+    Ok(shared::http::probe(port, "/readyz").await?)
+}

@@ -1,0 +1,146 @@
+//! Configuration from environment variables. Every variable has a default that
+//! works against the local stack (`make up`); the README lists them all.
+
+use std::{env, str::FromStr, time::Duration};
+
+#[derive(Debug, thiserror::Error)]
+#[error("environment variable {name}: {message}")]
+pub struct ConfigError {
+    pub name: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub http_host: String,
+    pub http_port: u16,
+    pub database_url: String,
+    /// The first URL is the read-model primary (the projector writes it); the
+    /// query API spreads reads over all of them.
+    pub read_database_urls: Vec<String>,
+    pub amqp_url: String,
+    pub amqp_exchange: String,
+    pub amqp_queue: String,
+    /// Optional `x-expires` for the projector queue; tests set it so that
+    /// queues they leave behind disappear by themselves.
+    pub amqp_queue_expires_ms: Option<u32>,
+    pub redis_url: String,
+    pub redis_prefix: String,
+    pub redis_ttl: Duration,
+    pub redis_timeout: Duration,
+    pub db_pool_size: u32,
+    pub db_acquire_timeout: Duration,
+    pub db_statement_timeout: Duration,
+    pub read_wait: Duration,
+    pub cursor_secret: String,
+    pub log_format: LogFormat,
+    pub run_migrations: bool,
+    pub relay_batch_size: i64,
+    pub relay_message_records: usize,
+    pub relay_poll_interval: Duration,
+    pub projector_prefetch: u16,
+    pub projector_batch_size: usize,
+    pub catchup_after: Duration,
+    pub watermark_interval: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_in_flight: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Settings {
+    /// Reads the environment; `default_port` is the service's own port.
+    pub fn from_env(default_port: u16) -> Result<Self, ConfigError> {
+        Ok(Self {
+            http_host: var("HTTP_HOST", "0.0.0.0".to_string())?,
+            http_port: var("HTTP_PORT", default_port)?,
+            database_url: var(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/cqrs".to_string(),
+            )?,
+            read_database_urls: var(
+                "READ_DATABASE_URLS",
+                "postgres://postgres@127.0.0.1:5432/cqrs_read".to_string(),
+            )?
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+            amqp_url: var(
+                "AMQP_URL",
+                "amqp://guest:guest@127.0.0.1:5672/%2f".to_string(),
+            )?,
+            amqp_exchange: var("AMQP_EXCHANGE", "cqrs.records".to_string())?,
+            amqp_queue: var("AMQP_QUEUE", "cqrs.projector".to_string())?,
+            amqp_queue_expires_ms: opt_var("AMQP_QUEUE_EXPIRES_MS")?,
+            redis_url: var("REDIS_URL", "redis://127.0.0.1:6379/0".to_string())?,
+            redis_prefix: var("REDIS_PREFIX", "cqrs:".to_string())?,
+            redis_ttl: Duration::from_secs(var("REDIS_TTL_SECONDS", 86_400)?),
+            redis_timeout: Duration::from_millis(var("REDIS_TIMEOUT_MS", 50)?),
+            db_pool_size: var("DB_POOL_SIZE", 16)?,
+            db_acquire_timeout: Duration::from_millis(var("DB_ACQUIRE_TIMEOUT_MS", 500)?),
+            db_statement_timeout: Duration::from_millis(var("DB_STATEMENT_TIMEOUT_MS", 5_000)?),
+            read_wait: Duration::from_millis(var("READ_WAIT_MS", 1_000)?),
+            cursor_secret: var(
+                "CURSOR_SECRET",
+                "local-development-cursor-secret".to_string(),
+            )?,
+            log_format: match var("LOG_FORMAT", "text".to_string())?.as_str() {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                other => {
+                    return Err(ConfigError {
+                        name: "LOG_FORMAT".into(),
+                        message: format!("expected json or text, got {other:?}"),
+                    })
+                }
+            },
+            run_migrations: var("RUN_MIGRATIONS", true)?,
+            relay_batch_size: var("RELAY_BATCH_SIZE", 2_000)?,
+            relay_message_records: var("RELAY_MESSAGE_RECORDS", 500)?,
+            relay_poll_interval: Duration::from_millis(var("RELAY_POLL_INTERVAL_MS", 250)?),
+            projector_prefetch: var("PROJECTOR_PREFETCH", 64)?,
+            projector_batch_size: var("PROJECTOR_BATCH_SIZE", 2_000)?,
+            catchup_after: Duration::from_millis(var("CATCHUP_AFTER_MS", 1_000)?),
+            watermark_interval: Duration::from_millis(var("WATERMARK_INTERVAL_MS", 5)?),
+            shutdown_timeout: Duration::from_secs(var("SHUTDOWN_TIMEOUT_SECONDS", 20)?),
+            max_in_flight: var("MAX_IN_FLIGHT", 2_048)?,
+        })
+    }
+
+    pub fn bind_address(&self) -> (String, u16) {
+        (self.http_host.clone(), self.http_port)
+    }
+
+    pub fn read_primary_url(&self) -> &str {
+        self.read_database_urls
+            .first()
+            .map(String::as_str)
+            .unwrap_or(self.database_url.as_str())
+    }
+}
+
+fn var<T: FromStr>(name: &str, default: T) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    Ok(opt_var(name)?.unwrap_or(default))
+}
+
+fn opt_var<T: FromStr>(name: &str) -> Result<Option<T>, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().map(Some).map_err(|e: T::Err| ConfigError {
+            name: name.to_string(),
+            message: e.to_string(),
+        }),
+        _ => Ok(None),
+    }
+}

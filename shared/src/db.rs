@@ -1,0 +1,48 @@
+//! PostgreSQL pools and the embedded migrations.
+
+use std::str::FromStr;
+
+use sqlx::{
+    migrate::Migrator,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    PgPool,
+};
+
+use crate::Settings;
+
+/// The write log, the outbox and the idempotency keys.
+pub static WRITE_MIGRATOR: Migrator = sqlx::migrate!("../migrations/write");
+/// The read model and the projection's watermark.
+pub static READ_MIGRATOR: Migrator = sqlx::migrate!("../migrations/read");
+
+/// A lazily connecting pool: a service starts even while PostgreSQL is down
+/// and answers 503 until it is back. Acquiring a connection is bounded by
+/// `DB_ACQUIRE_TIMEOUT_MS`, so a request never waits long for a dead server,
+/// and every statement by `DB_STATEMENT_TIMEOUT_MS`.
+pub fn pool(url: &str, settings: &Settings, app: &str) -> Result<PgPool, sqlx::Error> {
+    pool_sized(url, settings, app, settings.db_pool_size)
+}
+
+pub fn pool_sized(url: &str, settings: &Settings, app: &str, size: u32) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?
+        .application_name(app)
+        .options([(
+            "statement_timeout",
+            format!("{}ms", settings.db_statement_timeout.as_millis()),
+        )]);
+    Ok(PgPoolOptions::new()
+        .max_connections(size)
+        .min_connections(0)
+        .acquire_timeout(settings.db_acquire_timeout)
+        .test_before_acquire(false)
+        .connect_lazy_with(options))
+}
+
+/// True when `e` means "the server is not there" rather than "the statement
+/// was wrong": connection refused, reset, timed out, or the pool gave up.
+pub fn is_connectivity(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+    ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")))
+}

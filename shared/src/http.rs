@@ -1,0 +1,139 @@
+//! HTTP pieces every service uses: health endpoints, extractor error
+//! handlers that answer problem+json, load shedding, the default 404.
+
+use std::sync::Arc;
+
+use actix_web::{
+    body::{EitherBody, MessageBody},
+    dev::{ServiceRequest, ServiceResponse},
+    http::{header, Method},
+    middleware::Next,
+    web, HttpRequest, HttpResponse, ResponseError,
+};
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use crate::ApiError;
+
+/// `GET /healthz`: the process is alive and serving.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// Builds the `/readyz` answer from named checks: 200 when all pass, 503 with
+/// the failing ones named otherwise. Optional checks are reported but do not
+/// fail readiness.
+pub fn readiness(checks: Vec<(&'static str, bool, Result<(), String>)>) -> HttpResponse {
+    let mut ready = true;
+    let mut body = serde_json::Map::new();
+    let mut failing = Vec::new();
+    for (name, required, result) in checks {
+        let v = match result {
+            Ok(()) => json!({"status": "up", "required": required}),
+            Err(e) => {
+                if required {
+                    ready = false;
+                    failing.push(name);
+                }
+                json!({"status": "down", "required": required, "error": e})
+            }
+        };
+        body.insert(name.to_string(), v);
+    }
+    let payload = json!({
+        "status": if ready { "ready" } else { "unavailable" },
+        "failing": failing,
+        "checks": body,
+    });
+    if ready {
+        HttpResponse::Ok().json(payload)
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header((header::RETRY_AFTER, "1"))
+            .json(payload)
+    }
+}
+
+/// Query-string and path errors become 400 problem+json, not actix's text.
+pub fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default()
+        .error_handler(|e, _| ApiError::BadRequest(format!("invalid query string: {e}")).into())
+}
+
+pub fn path_config() -> web::PathConfig {
+    web::PathConfig::default()
+        .error_handler(|e, _| ApiError::BadRequest(format!("invalid path: {e}")).into())
+}
+
+/// The default service: unknown paths are 404, known paths with another
+/// method are 405, both as problem+json.
+pub async fn fallback(req: HttpRequest) -> HttpResponse {
+    let known = req.path() == "/data" || req.path().starts_with("/data/");
+    if known && req.method() != Method::GET && req.method() != Method::POST {
+        ApiError::MethodNotAllowed.error_response()
+    } else {
+        ApiError::NotFound.error_response()
+    }
+}
+
+/// Load shedding: at most `MAX_IN_FLIGHT` requests are worked on at once per
+/// instance; beyond that the answer is an immediate 503 with `Retry-After`
+/// instead of a queue that grows without bound. Ops endpoints are exempt so
+/// probes keep working under overload.
+pub async fn shed_load(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let limiter = req.app_data::<web::Data<InFlightLimit>>().cloned();
+    let exempt = matches!(req.path(), "/healthz" | "/readyz" | "/metrics");
+    let permit = match limiter {
+        Some(l) if !exempt => match l.0.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let (http_req, _) = req.into_parts();
+                let res = ApiError::Overloaded.error_response();
+                return Ok(ServiceResponse::new(http_req, res).map_into_right_body());
+            }
+        },
+        _ => None,
+    };
+    let res = next.call(req).await?;
+    drop(permit);
+    Ok(res.map_into_left_body())
+}
+
+#[derive(Clone)]
+pub struct InFlightLimit(pub Arc<Semaphore>);
+
+impl InFlightLimit {
+    pub fn new(max: usize) -> web::Data<Self> {
+        web::Data::new(Self(Arc::new(Semaphore::new(max))))
+    }
+}
+
+/// `GET http://127.0.0.1:{port}{path}` with a plain TCP request, for the
+/// container health check (the runtime image has no curl). Ok on 2xx.
+pub async fn probe(port: u16, path: &str) -> Result<(), ProbeError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let status = tokio::time::timeout(std::time::Duration::from_secs(2), fut)
+        .await
+        .map_err(|_| ProbeError("timed out".into()))?
+        .map_err(|e| ProbeError(e.to_string()))?;
+    if status.get(9) == Some(&b'2') {
+        Ok(())
+    } else {
+        Err(ProbeError(String::from_utf8_lossy(&status).into_owned()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("health check failed: {0}")]
+pub struct ProbeError(String);
