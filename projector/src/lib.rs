@@ -1,1 +1,13 @@
-pub fn placeholder() {}
+//! The projector: fills the read side (Redis and the read-model PostgreSQL)
+//! from the broker, keeps the projection's watermark, catches up from the
+//! write log when the broker did not deliver, and rebuilds on demand.
+
+pub mod apply;
+pub mod consumer;
+pub mod metrics;
+pub mod rebuild;
+pub mod seed;
+pub mod startup;
+pub mod watermark;
+
+pub use startup::Projector;

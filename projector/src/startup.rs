@@ -1,0 +1,127 @@
+//! Wiring the projector: read-model migrations, the consumer, the watermark
+//! loop and a small HTTP server for probes and metrics.
+
+use std::{net::TcpListener, sync::Arc, time::Duration};
+
+use actix_web::{dev::Server, middleware::from_fn, web, App, HttpResponse, HttpServer};
+use shared::{db, http, redis::Keys, shutdown, telemetry, Settings};
+use tokio::{sync::Notify, task::JoinHandle};
+
+use crate::{apply::Applier, consumer::{self, ConsumerStatus}, watermark};
+
+pub struct Projector {
+    port: u16,
+    server: Server,
+    tasks: Vec<JoinHandle<()>>,
+    stop: shutdown::ShutdownTrigger,
+}
+
+struct OpsState {
+    applier: Applier,
+    write: sqlx::PgPool,
+    consumer: Arc<ConsumerStatus>,
+}
+
+impl Projector {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let write = db::pool_sized(&settings.database_url, &settings, "projector", 4)?;
+        let read = db::pool_sized(settings.read_primary_url(), &settings, "projector", 8)?;
+        if settings.run_migrations {
+            db::READ_MIGRATOR.run(&read).await?;
+        }
+        let applier = Applier {
+            read_pool: read,
+            redis: shared::redis::pool(&settings, 8)?,
+            keys: Keys::new(&settings.redis_prefix),
+            ttl: settings.redis_ttl,
+        };
+        let (stop, stopped) = shutdown::channel();
+        let applied = Arc::new(Notify::new());
+        let status = Arc::new(ConsumerStatus::default());
+        let tasks = vec![
+            tokio::spawn(consumer::run(
+                applier.clone(),
+                settings.clone(),
+                applied.clone(),
+                status.clone(),
+                stopped.clone(),
+            )),
+            tokio::spawn(watermark::run(
+                write.clone(),
+                applier.clone(),
+                settings.clone(),
+                applied,
+                stopped,
+            )),
+        ];
+
+        let listener = TcpListener::bind(settings.bind_address())?;
+        let port = listener.local_addr()?.port();
+        let state = web::Data::new(OpsState {
+            applier,
+            write,
+            consumer: status,
+        });
+        let server = HttpServer::new(move || {
+            App::new()
+                .wrap(from_fn(telemetry::track_requests))
+                .app_data(state.clone())
+                .route("/healthz", web::get().to(http::healthz))
+                .route("/readyz", web::get().to(readyz))
+                .route("/metrics", web::get().to(telemetry::metrics))
+                .default_service(web::to(http::fallback))
+        })
+        .workers(1)
+        .listen(listener)?
+        .shutdown_timeout(5)
+        .run();
+        Ok(Self { port, server, tasks, stop })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs until SIGTERM/SIGINT, then lets the current batch finish and be
+    /// acknowledged before exiting.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        tracing::info!(port = self.port, "projector running");
+        self.server.await?;
+        self.stop.trigger();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+        }
+        tracing::info!("projector stopped");
+        Ok(())
+    }
+}
+
+async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
+    let read = check(sqlx::query("SELECT 1").execute(&state.applier.read_pool)).await;
+    let write = check(sqlx::query("SELECT 1").execute(&state.write)).await;
+    let broker = if state.consumer.connected() {
+        Ok(())
+    } else {
+        Err("not consuming".to_string())
+    };
+    http::readiness(vec![
+        ("read_model", true, read),
+        ("write_log", true, write),
+        ("rabbitmq", false, broker),
+    ])
+}
+
+async fn check<T, E: std::fmt::Display>(f: impl std::future::Future<Output = Result<T, E>>) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(1), f).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let read = db::pool_sized(settings.read_primary_url(), settings, "projector-migrate", 1)?;
+    db::READ_MIGRATOR.run(&read).await?;
+    tracing::info!("read-model migrations applied");
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! The projection's watermark W: every committed record with `seq <= W` has
+//! been applied to the read side.
+//!
+//! Sequence values are taken before commit, so `seq` 101 can become visible
+//! before 100, and a rolled-back transaction leaves a gap that never fills.
+//! "The highest applied seq" is therefore not a watermark. This loop derives
+//! one that is exact, with no timeout guessing:
+//!
+//! 1. Read `L`, the last value the sequence handed out.
+//! 2. Then take a snapshot `S` of the write database. Every writer takes its
+//!    transaction id before its sequence value (`next_record_seq()`), so every
+//!    transaction that holds a `seq <= L` is either finished or listed as
+//!    in progress in `S`.
+//! 3. Once every transaction listed in `S` has finished (checked on later
+//!    snapshots), the set of committed records with `seq <= L` is final:
+//!    each such seq is visible in the write log or will never exist.
+//! 4. W advances to `L` when the read model holds every committed seq in
+//!    `(W, L]`. A seq that stays missing longer than `CATCHUP_AFTER_MS` (the
+//!    broker lost it, the queue was purged, the projector started late) is
+//!    read from the write log and applied directly: completeness never rests
+//!    on the broker alone.
+//!
+//! Only one projector replica computes W at a time: the leader holds a
+//! PostgreSQL advisory lock on the read-model primary. The others apply
+//! records (idempotently) and take over when the leader's session ends.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use deadpool_redis::redis;
+use shared::{shutdown::Shutdown, Settings};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::Notify;
+
+use crate::{apply::Applier, metrics};
+
+/// Advisory lock key held by the watermark leader ("cqrs-wm").
+const LEADER_LOCK: i64 = 0x6371_7273_2d77_6d;
+/// Seqs compared per round when the watermark has a long way to go.
+const CHUNK: i64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatermarkError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error("unreadable snapshot {0:?}")]
+    Snapshot(String),
+}
+
+pub async fn run(
+    write: PgPool,
+    applier: Applier,
+    settings: Settings,
+    wake: Arc<Notify>,
+    mut shutdown: Shutdown,
+) {
+    while !shutdown.is_triggered() {
+        match PgConnection::connect(settings.read_primary_url()).await {
+            Ok(mut lock) => {
+                let leader: Result<bool, _> = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(LEADER_LOCK)
+                    .fetch_one(&mut lock)
+                    .await;
+                if let Ok(true) = leader {
+                    tracing::info!("this projector keeps the watermark");
+                    let mut tracker = Tracker::new(write.clone(), applier.clone(), &settings);
+                    if let Err(e) = tracker.lead(&mut lock, &wake, &mut shutdown).await {
+                        tracing::warn!(error = %e, "watermark round failed; retrying");
+                    }
+                }
+                let _ = lock.close().await;
+            }
+            Err(e) => tracing::warn!(error = %e, "read model unreachable; watermark paused"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.wait() => {}
+        }
+    }
+}
+
+struct Tracker {
+    write: PgPool,
+    applier: Applier,
+    catchup_after: Duration,
+    idle_interval: Duration,
+    watermark: i64,
+    /// `(L, transactions in progress when L was read)`, in increasing `L`.
+    pending: VecDeque<(i64, Vec<u64>)>,
+    /// The first missing seq and since when it has been missing.
+    missing_since: Option<(i64, Instant)>,
+}
+
+impl Tracker {
+    fn new(write: PgPool, applier: Applier, settings: &Settings) -> Self {
+        Self {
+            write,
+            applier,
+            catchup_after: settings.catchup_after,
+            idle_interval: settings.watermark_interval,
+            watermark: 0,
+            pending: VecDeque::new(),
+            missing_since: None,
+        }
+    }
+
+    async fn lead(
+        &mut self,
+        lock: &mut PgConnection,
+        wake: &Notify,
+        shutdown: &mut Shutdown,
+    ) -> Result<(), WatermarkError> {
+        self.watermark = sqlx::query_scalar("SELECT watermark FROM projection_state")
+            .fetch_one(&self.applier.read_pool)
+            .await?;
+        self.publish().await;
+        let mut lock_checked = Instant::now();
+        while !shutdown.is_triggered() {
+            let busy = self.tick().await?;
+            if lock_checked.elapsed() > Duration::from_secs(1) {
+                // Losing the lock's session means another replica may lead now.
+                sqlx::query("SELECT 1").execute(&mut *lock).await?;
+                lock_checked = Instant::now();
+            }
+            let pause = if busy { Duration::from_millis(2) } else { self.idle_interval };
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.wait() => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One step; true while there is work in sight (poll again soon).
+    async fn tick(&mut self) -> Result<bool, WatermarkError> {
+        let head: i64 = sqlx::query_scalar(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM records_seq",
+        )
+        .fetch_one(&self.write)
+        .await?;
+        // A separate statement, so the snapshot is taken after `head` was read.
+        let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+            .fetch_one(&self.write)
+            .await?;
+        let in_progress = parse_in_progress(&snapshot)?;
+        metrics::WRITE_LOG_HEAD.set(head);
+
+        if head > self.watermark && self.pending.back().map(|p| p.0) != Some(head) {
+            self.pending.push_back((head, in_progress.clone()));
+        }
+        let running: HashSet<u64> = in_progress.into_iter().collect();
+        let mut settled = self.watermark;
+        while let Some((l, xids)) = self.pending.front() {
+            if xids.iter().any(|x| running.contains(x)) {
+                break;
+            }
+            settled = settled.max(*l);
+            self.pending.pop_front();
+        }
+        let before = self.watermark;
+        if settled > self.watermark {
+            self.advance(settled).await?;
+        }
+        if self.watermark > before {
+            self.publish().await;
+        }
+        Ok(!self.pending.is_empty() || self.missing_since.is_some() || self.watermark < settled)
+    }
+
+    /// Moves the watermark as far towards `settled` as the read model allows,
+    /// catching up from the write log what has been missing too long.
+    async fn advance(&mut self, settled: i64) -> Result<(), WatermarkError> {
+        loop {
+            let w = self.watermark;
+            let committed: Vec<i64> = sqlx::query_scalar(
+                "SELECT seq FROM records WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+            )
+            .bind(w)
+            .bind(settled)
+            .bind(CHUNK)
+            .fetch_all(&self.write)
+            .await?;
+            let upper = if committed.len() as i64 == CHUNK {
+                *committed.last().expect("non-empty chunk")
+            } else {
+                settled
+            };
+            if committed.is_empty() {
+                self.watermark = settled;
+                self.missing_since = None;
+                return Ok(());
+            }
+            let applied: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM records WHERE seq > $1 AND seq <= $2")
+                    .bind(w)
+                    .bind(upper)
+                    .fetch_one(&self.applier.read_pool)
+                    .await?;
+            if applied as usize == committed.len() {
+                self.watermark = upper;
+                self.missing_since = None;
+                if upper == settled {
+                    return Ok(());
+                }
+                continue;
+            }
+            let present: HashSet<i64> =
+                sqlx::query_scalar::<_, i64>("SELECT seq FROM records WHERE seq > $1 AND seq <= $2")
+                    .bind(w)
+                    .bind(upper)
+                    .fetch_all(&self.applier.read_pool)
+                    .await?
+                    .into_iter()
+                    .collect();
+            let missing: Vec<i64> = committed.into_iter().filter(|s| !present.contains(s)).collect();
+            // Applied between the count and this look: count again.
+            let Some(&first) = missing.first() else { continue };
+            self.watermark = self.watermark.max(first - 1);
+            match self.missing_since {
+                Some((s, since)) if s == first && since.elapsed() >= self.catchup_after => {
+                    let records = crate::apply::fetch_from_write_log(&self.write, &missing).await?;
+                    tracing::info!(records = records.len(), first, "catching up from the write log");
+                    self.applier.apply(&records).await?;
+                    metrics::CAUGHT_UP.inc_by(records.len() as u64);
+                    self.missing_since = None;
+                    continue;
+                }
+                Some((s, _)) if s == first => {}
+                _ => self.missing_since = Some((first, Instant::now())),
+            }
+            return Ok(());
+        }
+    }
+
+    /// Read model first (replicas that show W also show every record up to
+    /// W), then Redis, where the query API instances learn of it at once.
+    async fn publish(&self) {
+        let w = self.watermark;
+        if let Err(e) = sqlx::query(
+            "UPDATE projection_state SET watermark = $1, updated_at = now() WHERE watermark < $1",
+        )
+        .bind(w)
+        .execute(&self.applier.read_pool)
+        .await
+        {
+            tracing::warn!(error = %e, "could not store the watermark");
+            return;
+        }
+        metrics::WATERMARK.set(w);
+        let keys = &self.applier.keys;
+        let result = async {
+            let mut conn = self.applier.redis.get().await.map_err(|e| e.to_string())?;
+            redis::pipe()
+                .set(keys.watermark(), w)
+                .ignore()
+                .publish(keys.watermark_channel(), w)
+                .ignore()
+                .query_async::<()>(&mut *conn)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = tokio::time::timeout(Duration::from_millis(500), result)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()))
+        {
+            tracing::debug!(error = %e, "could not announce the watermark on Redis");
+        }
+    }
+}
+
+/// The in-progress transaction ids of a `pg_snapshot` text (`xmin:xmax:xip,...`).
+fn parse_in_progress(snapshot: &str) -> Result<Vec<u64>, WatermarkError> {
+    let bad = || WatermarkError::Snapshot(snapshot.to_string());
+    let mut parts = snapshot.splitn(3, ':');
+    let (_xmin, _xmax, xip) = (parts.next().ok_or_else(bad)?, parts.next().ok_or_else(bad)?, parts.next().unwrap_or(""));
+    xip.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<u64>().map_err(|_| bad()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_in_progress;
+
+    #[test]
+    fn parses_snapshots() {
+        assert_eq!(parse_in_progress("10:10:").unwrap(), Vec::<u64>::new());
+        assert_eq!(parse_in_progress("10:15:10,12").unwrap(), vec![10, 12]);
+        assert!(parse_in_progress("garbage").is_err());
+    }
+}
