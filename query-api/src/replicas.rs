@@ -1,0 +1,175 @@
+//! The read replicas (`READ_DATABASE_URLS`): reads go round-robin, and a
+//! replica that fails is skipped for the next one. Every read also returns
+//! that replica's own watermark, so an answer is never built from a replica
+//! that lags behind what the request needs.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use shared::{db, ApiError, Settings};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+pub struct Replicas {
+    pools: Vec<PgPool>,
+    next: AtomicUsize,
+}
+
+pub struct Page {
+    pub docs: Vec<String>,
+    pub last_seq: Option<i64>,
+    pub more: bool,
+    pub watermark: i64,
+}
+
+#[derive(Clone, Copy)]
+pub struct ListQuery<'a> {
+    pub kind: Option<&'a str>,
+    pub key: Option<&'a str>,
+    pub limit: i64,
+    /// `seq < before`.
+    pub before: Option<i64>,
+    /// Serve only up to here (`seq <= bound`); the replica must have reached it.
+    pub bound: Option<i64>,
+}
+
+impl Replicas {
+    pub fn new(settings: &Settings) -> Result<Self, sqlx::Error> {
+        let pools = settings
+            .read_database_urls
+            .iter()
+            .map(|u| db::pool(u, settings, "query-api"))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            pools,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Tries each replica once, starting with the next in turn. `Ok(None)`
+    /// from `f` means "this replica is behind": the next one is asked.
+    async fn each<T, F, Fut>(&self, mut f: F) -> Result<T, ApiError>
+    where
+        F: FnMut(PgPool) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>, sqlx::Error>>,
+    {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last_err = None;
+        let mut behind = false;
+        for i in 0..self.pools.len() {
+            let pool = &self.pools[(start + i) % self.pools.len()];
+            match f(pool.clone()).await {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => behind = true,
+                Err(e) => last_err = Some(e),
+            }
+        }
+        match (behind, last_err) {
+            (true, _) => Err(ApiError::unavailable("read replicas", "every replica is behind the requested seq")),
+            (false, Some(e)) => Err(ApiError::unavailable("read replicas", e)),
+            (false, None) => Err(ApiError::unavailable("read replicas", "none configured")),
+        }
+    }
+
+    /// The record's JSON (or `None`) from a replica whose watermark is at
+    /// least `min_watermark`, and that watermark.
+    pub async fn get(&self, id: &Uuid, min_watermark: i64) -> Result<(Option<String>, i64), ApiError> {
+        self.each(|pool| async move {
+            let row = sqlx::query(
+                "SELECT w.watermark, r.doc FROM projection_state w \
+                 LEFT JOIN records r ON r.id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+            let wm: i64 = row.try_get("watermark")?;
+            let doc: Option<String> = row.try_get("doc")?;
+            if doc.is_none() && wm < min_watermark {
+                return Ok(None);
+            }
+            Ok(Some((doc, wm)))
+        })
+        .await
+    }
+
+    pub async fn list(&self, q: ListQuery<'_>, min_watermark: i64) -> Result<Page, ApiError> {
+        let need = min_watermark.max(q.bound.unwrap_or(0));
+        let sql = list_sql(q.kind.is_some(), q.key.is_some());
+        self.each(|pool| {
+            let sql = sql.clone();
+            async move {
+                let mut query = sqlx::query(&sql)
+                    .bind(q.before.unwrap_or(i64::MAX))
+                    .bind(q.bound.unwrap_or(i64::MAX))
+                    .bind(q.limit + 1);
+                if let Some(kind) = q.kind {
+                    query = query.bind(kind);
+                }
+                if let Some(key) = q.key {
+                    query = query.bind(key);
+                }
+                let rows = query.fetch_all(&pool).await?;
+                let wm: i64 = match rows.first() {
+                    Some(r) => r.try_get("watermark")?,
+                    None => return Ok(None),
+                };
+                if wm < need {
+                    return Ok(None);
+                }
+                let mut docs = Vec::with_capacity(rows.len());
+                let mut last_seq = None;
+                for row in &rows {
+                    if let Some(doc) = row.try_get::<Option<String>, _>("doc")? {
+                        if docs.len() as i64 == q.limit {
+                            break;
+                        }
+                        docs.push(doc);
+                        last_seq = row.try_get::<Option<i64>, _>("seq")?;
+                    }
+                }
+                let more = rows.len() as i64 > q.limit;
+                Ok(Some(Page {
+                    docs,
+                    last_seq,
+                    more,
+                    watermark: wm,
+                }))
+            }
+        })
+        .await
+    }
+
+    pub async fn ping_any(&self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for p in &self.pools {
+            match sqlx::query("SELECT 1").execute(p).await {
+                Ok(_) => return Ok(()),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    pub fn primary(&self) -> Option<&PgPool> {
+        self.pools.first()
+    }
+}
+
+/// Newest first, below the cursor and at or below both the bound and this
+/// replica's watermark. One statement per filter combination, so each gets
+/// its own index and a stable prepared plan.
+fn list_sql(kind: bool, key: bool) -> String {
+    let filter = match (kind, key) {
+        (false, false) => "",
+        (true, false) => " AND r.kind = $4",
+        (false, true) => " AND r.key = $4",
+        (true, true) => " AND r.kind = $4 AND r.key = $5",
+    };
+    format!(
+        "SELECT w.watermark, p.seq, p.doc FROM projection_state w \
+         LEFT JOIN LATERAL ( \
+           SELECT r.seq, r.doc FROM records r \
+           WHERE r.seq < $1 AND r.seq <= LEAST($2, w.watermark){filter} \
+           ORDER BY r.seq DESC LIMIT $3 \
+         ) p ON true"
+    )
+}

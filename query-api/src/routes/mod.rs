@@ -1,0 +1,13 @@
+pub mod data;
+pub mod ops;
+
+use actix_web::web;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/data").route(web::get().to(data::list)))
+        .service(web::resource("/data/{id}").route(web::get().to(data::get)))
+        .route("/healthz", web::get().to(shared::http::healthz))
+        .route("/readyz", web::get().to(ops::readyz))
+        .route("/metrics", web::get().to(shared::telemetry::metrics))
+        .route("/openapi.json", web::get().to(ops::openapi));
+}
