@@ -7,9 +7,19 @@ use utoipa::OpenApi;
 #[derive(Deserialize, utoipa::ToSchema)]
 #[allow(dead_code)]
 pub struct NewRecordDoc {
-    #[schema(pattern = "^[a-z0-9][a-z0-9_.-]{0,63}$", min_length = 1, max_length = 64, example = "order")]
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9_.-]{0,63}$",
+        min_length = 1,
+        max_length = 64,
+        example = "order"
+    )]
     kind: String,
-    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\x00-\\x1f\\x7f]+$", example = "order-123")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\x00-\\x1f\\x7f]+$",
+        example = "order-123"
+    )]
     key: Option<String>,
     /// Any JSON object: at most 64 KiB, 32 levels deep, no U+0000.
     #[schema(value_type = Object)]

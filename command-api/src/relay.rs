@@ -72,9 +72,13 @@ pub async fn run(
                     tracing::warn!(error = %e, "relay round failed; will retry");
                 }
                 status.connected.store(false, Ordering::Relaxed);
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "relay stopping")).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), conn.close(200, "relay stopping"))
+                        .await;
             }
-            Err(e) => tracing::warn!(error = %e, "relay cannot reach RabbitMQ; records wait in the outbox"),
+            Err(e) => {
+                tracing::warn!(error = %e, "relay cannot reach RabbitMQ; records wait in the outbox")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -88,7 +92,9 @@ async fn connect(settings: &Settings) -> Result<(lapin::Connection, Channel), Re
     let conn = amqp::connect(&settings.amqp_url, Duration::from_secs(5)).await?;
     let channel = conn.create_channel().await?;
     amqp::declare_topology(&channel, settings).await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     Ok((conn, channel))
 }
 
@@ -121,7 +127,11 @@ async fn drain(
     }
 }
 
-async fn publish_round(pool: &PgPool, channel: &Channel, settings: &Settings) -> Result<usize, RelayError> {
+async fn publish_round(
+    pool: &PgPool,
+    channel: &Channel,
+    settings: &Settings,
+) -> Result<usize, RelayError> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
         "SELECT r.seq, r.id, r.kind, r.key, r.payload::text AS payload, r.created_at \
@@ -171,7 +181,9 @@ async fn publish_round(pool: &PgPool, channel: &Channel, settings: &Settings) ->
     for c in confirmations {
         match c {
             Confirmation::Ack(None) => {}
-            Confirmation::Ack(Some(_)) => return Err(RelayError::Refused("unroutable (no queue bound)")),
+            Confirmation::Ack(Some(_)) => {
+                return Err(RelayError::Refused("unroutable (no queue bound)"))
+            }
             Confirmation::Nack(_) => return Err(RelayError::Refused("nack")),
             Confirmation::NotRequested => return Err(RelayError::Refused("confirms not enabled")),
         }

@@ -154,8 +154,9 @@ pub fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<Record, ApiError> 
         id: row.try_get("id")?,
         kind: row.try_get("kind")?,
         key: row.try_get("key")?,
-        payload: RawValue::from_string(payload)
-            .map_err(|e| ApiError::unavailable("postgres", format!("stored payload is not JSON: {e}")))?,
+        payload: RawValue::from_string(payload).map_err(|e| {
+            ApiError::unavailable("postgres", format!("stored payload is not JSON: {e}"))
+        })?,
         created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
     })
 }
@@ -165,7 +166,10 @@ pub fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<Record, ApiError> 
 fn storage_error(e: sqlx::Error) -> ApiError {
     if let sqlx::Error::Database(db) = &e {
         if db.code().is_some_and(|c| c.starts_with("22")) {
-            return ApiError::Validation(vec![FieldError::new("payload", db.message().to_string())]);
+            return ApiError::Validation(vec![FieldError::new(
+                "payload",
+                db.message().to_string(),
+            )]);
         }
     }
     if !db::is_connectivity(&e) {

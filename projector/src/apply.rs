@@ -44,7 +44,8 @@ impl Applier {
         let mut pipe = redis::pipe();
         let ttl = self.ttl.as_secs().max(1);
         for (r, doc) in records.iter().zip(docs) {
-            pipe.set_ex(self.keys.record(&r.id), doc.as_str(), ttl).ignore();
+            pipe.set_ex(self.keys.record(&r.id), doc.as_str(), ttl)
+                .ignore();
         }
         tokio::time::timeout(Duration::from_secs(2), pipe.query_async::<()>(&mut *conn))
             .await
@@ -65,7 +66,12 @@ enum CacheError {
 
 /// One statement for the whole batch; `ON CONFLICT DO NOTHING` makes it
 /// idempotent. `table` is `records`, or the shadow table during a rebuild.
-pub async fn insert_read_model<'e, E>(executor: E, table: &str, records: &[Record], docs: &[String]) -> Result<(), sqlx::Error>
+pub async fn insert_read_model<'e, E>(
+    executor: E,
+    table: &str,
+    records: &[Record],
+    docs: &[String],
+) -> Result<(), sqlx::Error>
 where
     E: sqlx::PgExecutor<'e>,
 {
@@ -89,7 +95,10 @@ where
 }
 
 /// Records from the write log, for catch-up and rebuilds.
-pub async fn fetch_from_write_log(write_pool: &PgPool, seqs: &[i64]) -> Result<Vec<Record>, sqlx::Error> {
+pub async fn fetch_from_write_log(
+    write_pool: &PgPool,
+    seqs: &[i64],
+) -> Result<Vec<Record>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT seq, id, kind, key, payload::text AS payload, created_at FROM records \
          WHERE seq = ANY($1) ORDER BY seq",

@@ -129,9 +129,7 @@ async fn consume(
             }
         }
         let last = deliveries.last().expect("at least one delivery");
-        last.acker
-            .ack(BasicAckOptions { multiple: true })
-            .await?;
+        last.acker.ack(BasicAckOptions { multiple: true }).await?;
         applied.notify_one();
     }
 }
@@ -139,7 +137,10 @@ async fn consume(
 fn take_records(delivery: &Delivery, into: &mut Vec<Record>) {
     match serde_json::from_slice::<RecordsMessage>(&delivery.data) {
         Ok(msg) if msg.v == shared::bus::MESSAGE_VERSION => into.extend(msg.records),
-        Ok(msg) => tracing::error!(version = msg.v, "unknown message version; skipped (catch-up covers it)"),
+        Ok(msg) => tracing::error!(
+            version = msg.v,
+            "unknown message version; skipped (catch-up covers it)"
+        ),
         Err(e) => tracing::error!(error = %e, "unreadable message; skipped (catch-up covers it)"),
     }
 }

@@ -1,17 +1,39 @@
 use std::sync::LazyLock;
 
-use prometheus::{register_int_counter_with_registry, register_int_gauge_with_registry, IntCounter, IntGauge};
+use prometheus::{
+    register_int_counter_with_registry, register_int_gauge_with_registry, IntCounter, IntGauge,
+};
 use shared::telemetry::REGISTRY;
 
 pub static APPLIED: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter_with_registry!("projector_records_applied_total", "Records applied to the read side (including re-applies)", REGISTRY).expect("metric")
+    register_int_counter_with_registry!(
+        "projector_records_applied_total",
+        "Records applied to the read side (including re-applies)",
+        REGISTRY
+    )
+    .expect("metric")
 });
 pub static CAUGHT_UP: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter_with_registry!("projector_records_caught_up_total", "Records applied from the write log because the broker had not delivered them", REGISTRY).expect("metric")
+    register_int_counter_with_registry!(
+        "projector_records_caught_up_total",
+        "Records applied from the write log because the broker had not delivered them",
+        REGISTRY
+    )
+    .expect("metric")
 });
 pub static WATERMARK: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge_with_registry!("projector_watermark", "Every committed record with seq at or below this is applied", REGISTRY).expect("metric")
+    register_int_gauge_with_registry!(
+        "projector_watermark",
+        "Every committed record with seq at or below this is applied",
+        REGISTRY
+    )
+    .expect("metric")
 });
 pub static WRITE_LOG_HEAD: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge_with_registry!("projector_write_log_head", "The highest seq handed out by the write log's sequence", REGISTRY).expect("metric")
+    register_int_gauge_with_registry!(
+        "projector_write_log_head",
+        "The highest seq handed out by the write log's sequence",
+        REGISTRY
+    )
+    .expect("metric")
 });

@@ -21,13 +21,20 @@ const CHUNK: i64 = 10_000;
 
 pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     let write = db::pool_sized(&settings.database_url, settings, "projector-rebuild", 2)?;
-    let read = db::pool_sized(settings.read_primary_url(), settings, "projector-rebuild", 2)?;
+    let read = db::pool_sized(
+        settings.read_primary_url(),
+        settings,
+        "projector-rebuild",
+        2,
+    )?;
     db::READ_MIGRATOR.run(&read).await?;
     let started = Instant::now();
     let watermark_at_start: i64 = sqlx::query_scalar("SELECT watermark FROM projection_state")
         .fetch_one(&read)
         .await?;
-    sqlx::query("DROP TABLE IF EXISTS records_rebuild").execute(&read).await?;
+    sqlx::query("DROP TABLE IF EXISTS records_rebuild")
+        .execute(&read)
+        .await?;
     sqlx::query("CREATE TABLE records_rebuild (LIKE records INCLUDING ALL)")
         .execute(&read)
         .await?;
@@ -52,7 +59,9 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     }
 
     let mut tx = read.begin().await?;
-    sqlx::query("LOCK TABLE records IN EXCLUSIVE MODE").execute(&mut *tx).await?;
+    sqlx::query("LOCK TABLE records IN EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
     let late = sqlx::query(
         "INSERT INTO records_rebuild SELECT * FROM records WHERE seq > $1 ON CONFLICT DO NOTHING",
     )
@@ -76,7 +85,14 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
         sqlx::query(stmt).execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    tracing::info!(copied, late, seconds = started.elapsed().as_secs_f64(), "read model rebuilt");
-    println!("rebuilt the read model: {copied} records from the write log, {late} applied meanwhile");
+    tracing::info!(
+        copied,
+        late,
+        seconds = started.elapsed().as_secs_f64(),
+        "read model rebuilt"
+    );
+    println!(
+        "rebuilt the read model: {copied} records from the write log, {late} applied meanwhile"
+    );
     Ok(())
 }

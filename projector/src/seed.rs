@@ -63,8 +63,12 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
     let mut tx = write.begin().await?;
     // INSERTs take ROW EXCLUSIVE before they draw a seq; this lock waits for
     // them and holds new ones back while the range is reserved.
-    sqlx::query("LOCK TABLE records IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
-    let first: i64 = sqlx::query_scalar("SELECT nextval('records_seq')").fetch_one(&mut *tx).await?;
+    sqlx::query("LOCK TABLE records IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let first: i64 = sqlx::query_scalar("SELECT nextval('records_seq')")
+        .fetch_one(&mut *tx)
+        .await?;
     sqlx::query("SELECT setval('records_seq', $1)")
         .bind(first + o.count as i64 - 1)
         .execute(&mut *tx)
@@ -80,8 +84,16 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
         let mut wc = write.acquire().await?;
         let mut rc = read.acquire().await?;
         let (a, b) = tokio::join!(
-            copy(&mut wc, "COPY records (seq, id, kind, key, payload, created_at) FROM STDIN", w),
-            copy(&mut rc, "COPY records (seq, id, kind, key, doc) FROM STDIN", r),
+            copy(
+                &mut wc,
+                "COPY records (seq, id, kind, key, payload, created_at) FROM STDIN",
+                w
+            ),
+            copy(
+                &mut rc,
+                "COPY records (seq, id, kind, key, doc) FROM STDIN",
+                r
+            ),
         );
         a?;
         b?;
@@ -131,7 +143,10 @@ fn build_chunk(first_seq: i64, n: u64, o: &Options, rng: &mut XorShift) -> (Stri
 }
 
 fn payload_of(seq: i64, size: usize, rng: &mut XorShift) -> String {
-    let head = format!(r#"{{"n":{seq},"amount":{},"note":""#, rng.next() % 1_000_000);
+    let head = format!(
+        r#"{{"n":{seq},"amount":{},"note":""#,
+        rng.next() % 1_000_000
+    );
     let fill = size.saturating_sub(head.len() + 2);
     let mut s = String::with_capacity(size);
     s.push_str(&head);

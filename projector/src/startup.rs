@@ -7,7 +7,11 @@ use actix_web::{dev::Server, middleware::from_fn, web, App, HttpResponse, HttpSe
 use shared::{db, http, redis::Keys, shutdown, telemetry, Settings};
 use tokio::{sync::Notify, task::JoinHandle};
 
-use crate::{apply::Applier, consumer::{self, ConsumerStatus}, watermark};
+use crate::{
+    apply::Applier,
+    consumer::{self, ConsumerStatus},
+    watermark,
+};
 
 pub struct Projector {
     port: u16,
@@ -75,7 +79,12 @@ impl Projector {
         .listen(listener)?
         .shutdown_timeout(5)
         .run();
-        Ok(Self { port, server, tasks, stop })
+        Ok(Self {
+            port,
+            server,
+            tasks,
+            stop,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -111,7 +120,9 @@ async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
     ])
 }
 
-async fn check<T, E: std::fmt::Display>(f: impl std::future::Future<Output = Result<T, E>>) -> Result<(), String> {
+async fn check<T, E: std::fmt::Display>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<(), String> {
     match tokio::time::timeout(Duration::from_secs(1), f).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -120,7 +131,12 @@ async fn check<T, E: std::fmt::Display>(f: impl std::future::Future<Output = Res
 }
 
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let read = db::pool_sized(settings.read_primary_url(), settings, "projector-migrate", 1)?;
+    let read = db::pool_sized(
+        settings.read_primary_url(),
+        settings,
+        "projector-migrate",
+        1,
+    )?;
     db::READ_MIGRATOR.run(&read).await?;
     tracing::info!("read-model migrations applied");
     Ok(())

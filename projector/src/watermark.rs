@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 use crate::{apply::Applier, metrics};
 
 /// Advisory lock key held by the watermark leader ("cqrs-wm").
-const LEADER_LOCK: i64 = 0x6371_7273_2d77_6d;
+const LEADER_LOCK: i64 = 0x0063_7172_732d_776d;
 /// Seqs compared per round when the watermark has a long way to go.
 const CHUNK: i64 = 10_000;
 
@@ -125,7 +125,11 @@ impl Tracker {
                 sqlx::query("SELECT 1").execute(&mut *lock).await?;
                 lock_checked = Instant::now();
             }
-            let pause = if busy { Duration::from_millis(2) } else { self.idle_interval };
+            let pause = if busy {
+                Duration::from_millis(2)
+            } else {
+                self.idle_interval
+            };
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(pause) => {}
@@ -208,22 +212,32 @@ impl Tracker {
                 }
                 continue;
             }
-            let present: HashSet<i64> =
-                sqlx::query_scalar::<_, i64>("SELECT seq FROM records WHERE seq > $1 AND seq <= $2")
-                    .bind(w)
-                    .bind(upper)
-                    .fetch_all(&self.applier.read_pool)
-                    .await?
-                    .into_iter()
-                    .collect();
-            let missing: Vec<i64> = committed.into_iter().filter(|s| !present.contains(s)).collect();
+            let present: HashSet<i64> = sqlx::query_scalar::<_, i64>(
+                "SELECT seq FROM records WHERE seq > $1 AND seq <= $2",
+            )
+            .bind(w)
+            .bind(upper)
+            .fetch_all(&self.applier.read_pool)
+            .await?
+            .into_iter()
+            .collect();
+            let missing: Vec<i64> = committed
+                .into_iter()
+                .filter(|s| !present.contains(s))
+                .collect();
             // Applied between the count and this look: count again.
-            let Some(&first) = missing.first() else { continue };
+            let Some(&first) = missing.first() else {
+                continue;
+            };
             self.watermark = self.watermark.max(first - 1);
             match self.missing_since {
                 Some((s, since)) if s == first && since.elapsed() >= self.catchup_after => {
                     let records = crate::apply::fetch_from_write_log(&self.write, &missing).await?;
-                    tracing::info!(records = records.len(), first, "catching up from the write log");
+                    tracing::info!(
+                        records = records.len(),
+                        first,
+                        "catching up from the write log"
+                    );
                     self.applier.apply(&records).await?;
                     metrics::CAUGHT_UP.inc_by(records.len() as u64);
                     self.missing_since = None;
@@ -276,7 +290,11 @@ impl Tracker {
 fn parse_in_progress(snapshot: &str) -> Result<Vec<u64>, WatermarkError> {
     let bad = || WatermarkError::Snapshot(snapshot.to_string());
     let mut parts = snapshot.splitn(3, ':');
-    let (_xmin, _xmax, xip) = (parts.next().ok_or_else(bad)?, parts.next().ok_or_else(bad)?, parts.next().unwrap_or(""));
+    let (_xmin, _xmax, xip) = (
+        parts.next().ok_or_else(bad)?,
+        parts.next().ok_or_else(bad)?,
+        parts.next().unwrap_or(""),
+    );
     xip.split(',')
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<u64>().map_err(|_| bad()))

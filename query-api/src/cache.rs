@@ -39,7 +39,9 @@ impl Cache {
         let key = self.keys.record(id);
         let result = tokio::time::timeout(self.timeout, async {
             let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            conn.get::<_, Option<String>>(key).await.map_err(|e| e.to_string())
+            conn.get::<_, Option<String>>(key)
+                .await
+                .map_err(|e| e.to_string())
         })
         .await;
         match result {
@@ -68,7 +70,9 @@ impl Cache {
         let ttl = self.ttl_secs;
         let result = tokio::time::timeout(self.timeout * 4, async {
             let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            conn.set_ex::<_, _, ()>(key, doc, ttl).await.map_err(|e| e.to_string())
+            conn.set_ex::<_, _, ()>(key, doc, ttl)
+                .await
+                .map_err(|e| e.to_string())
         })
         .await;
         if !matches!(result, Ok(Ok(()))) {

@@ -62,15 +62,26 @@ impl CursorCodec {
         URL_SAFE_NO_PAD.encode(buf)
     }
 
-    pub fn decode(&self, s: &str, kind: Option<&str>, key: Option<&str>) -> Result<Cursor, ApiError> {
-        let bad = || ApiError::BadRequest("the cursor is invalid or was not issued for this query".into());
+    pub fn decode(
+        &self,
+        s: &str,
+        kind: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Cursor, ApiError> {
+        let bad = || {
+            ApiError::BadRequest("the cursor is invalid or was not issued for this query".into())
+        };
         let buf = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
         if buf.len() != LEN || buf[0] != VERSION {
             return Err(bad());
         }
         // Compared in constant time.
         let expected = self.mac(&buf[..17], kind, key);
-        let ok: bool = expected.iter().zip(&buf[17..]).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        let ok: bool = expected
+            .iter()
+            .zip(&buf[17..])
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
         if !ok {
             return Err(bad());
         }
@@ -87,16 +98,23 @@ mod tests {
     #[test]
     fn round_trips_and_refuses_tampering() {
         let codec = CursorCodec::new("secret");
-        let c = Cursor { before: 42, bound: 100 };
+        let c = Cursor {
+            before: 42,
+            bound: 100,
+        };
         let s = codec.encode(c, Some("order"), None);
         assert_eq!(codec.decode(&s, Some("order"), None).unwrap(), c);
         // Another filter, another secret, a flipped byte, garbage: all refused.
         assert!(codec.decode(&s, Some("other"), None).is_err());
         assert!(codec.decode(&s, Some("order"), Some("k")).is_err());
-        assert!(CursorCodec::new("other").decode(&s, Some("order"), None).is_err());
+        assert!(CursorCodec::new("other")
+            .decode(&s, Some("order"), None)
+            .is_err());
         let mut bytes = URL_SAFE_NO_PAD.decode(&s).unwrap();
         bytes[5] ^= 1;
-        assert!(codec.decode(&URL_SAFE_NO_PAD.encode(bytes), Some("order"), None).is_err());
+        assert!(codec
+            .decode(&URL_SAFE_NO_PAD.encode(bytes), Some("order"), None)
+            .is_err());
         for junk in ["", "x", "!!!!", &"A".repeat(44)] {
             assert!(codec.decode(junk, Some("order"), None).is_err());
         }

@@ -64,7 +64,10 @@ impl Replicas {
             }
         }
         match (behind, last_err) {
-            (true, _) => Err(ApiError::unavailable("read replicas", "every replica is behind the requested seq")),
+            (true, _) => Err(ApiError::unavailable(
+                "read replicas",
+                "every replica is behind the requested seq",
+            )),
             (false, Some(e)) => Err(ApiError::unavailable("read replicas", e)),
             (false, None) => Err(ApiError::unavailable("read replicas", "none configured")),
         }
@@ -72,7 +75,11 @@ impl Replicas {
 
     /// The record's JSON (or `None`) from a replica whose watermark is at
     /// least `min_watermark`, and that watermark.
-    pub async fn get(&self, id: &Uuid, min_watermark: i64) -> Result<(Option<String>, i64), ApiError> {
+    pub async fn get(
+        &self,
+        id: &Uuid,
+        min_watermark: i64,
+    ) -> Result<(Option<String>, i64), ApiError> {
         self.each(|pool| async move {
             let row = sqlx::query(
                 "SELECT w.watermark, r.doc FROM projection_state w \

@@ -100,7 +100,10 @@ async fn consistency_headers(
     let mut res = next.call(req).await?;
     let headers = res.headers_mut();
     if !headers.contains_key(X_CACHE) {
-        headers.insert(HeaderName::from_static(X_CACHE), HeaderValue::from_static("miss"));
+        headers.insert(
+            HeaderName::from_static(X_CACHE),
+            HeaderValue::from_static("miss"),
+        );
     }
     if !headers.contains_key(X_PROJECTION_SEQ) {
         if let Some(state) = state {

@@ -43,7 +43,10 @@ impl Watermark {
     }
 }
 
-pub fn spawn(settings: &Settings, read_primary: Option<PgPool>) -> Result<Watermark, redis::RedisError> {
+pub fn spawn(
+    settings: &Settings,
+    read_primary: Option<PgPool>,
+) -> Result<Watermark, redis::RedisError> {
     let (tx, rx) = watch::channel(0i64);
     let client = redis::Client::open(settings.redis_url.as_str())?;
     let keys = Keys::new(&settings.redis_prefix);
@@ -84,15 +87,19 @@ async fn subscribed(
     db: &Option<PgPool>,
     tx: &watch::Sender<i64>,
 ) -> Result<(), redis::RedisError> {
-    let timeout = |e| redis::RedisError::from((redis::ErrorKind::IoError, "timed out", format!("{e}")));
+    let timeout =
+        |e| redis::RedisError::from((redis::ErrorKind::IoError, "timed out", format!("{e}")));
     let mut pubsub = tokio::time::timeout(Duration::from_secs(1), client.get_async_pubsub())
         .await
         .map_err(timeout)??;
     pubsub.subscribe(keys.watermark_channel()).await?;
     // What was announced before we subscribed.
-    let mut conn = tokio::time::timeout(Duration::from_secs(1), client.get_multiplexed_async_connection())
-        .await
-        .map_err(timeout)??;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(timeout)??;
     if let Some(w) = conn.get::<_, Option<i64>>(keys.watermark()).await? {
         raise(tx, w);
     }

@@ -137,10 +137,12 @@ where
     T::Err: std::fmt::Display,
 {
     match env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v.trim().parse().map(Some).map_err(|e: T::Err| ConfigError {
-            name: name.to_string(),
-            message: e.to_string(),
-        }),
+        Ok(v) if !v.trim().is_empty() => {
+            v.trim().parse().map(Some).map_err(|e: T::Err| ConfigError {
+                name: name.to_string(),
+                message: e.to_string(),
+            })
+        }
         _ => Ok(None),
     }
 }

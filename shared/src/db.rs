@@ -23,7 +23,12 @@ pub fn pool(url: &str, settings: &Settings, app: &str) -> Result<PgPool, sqlx::E
     pool_sized(url, settings, app, settings.db_pool_size)
 }
 
-pub fn pool_sized(url: &str, settings: &Settings, app: &str, size: u32) -> Result<PgPool, sqlx::Error> {
+pub fn pool_sized(
+    url: &str,
+    settings: &Settings,
+    app: &str,
+    size: u32,
+) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(url)?
         .application_name(app)
         .options([(
@@ -43,6 +48,9 @@ pub fn pool_sized(url: &str, settings: &Settings, app: &str, size: u32) -> Resul
 pub fn is_connectivity(e: &sqlx::Error) -> bool {
     matches!(
         e,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
     ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")))
 }

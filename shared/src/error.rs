@@ -91,19 +91,30 @@ impl ApiError {
     fn slug_and_title(&self) -> (&'static str, &'static str) {
         match self {
             Self::BadRequest(_) => ("bad-request", "The request is malformed"),
-            Self::UnsupportedMediaType => ("unsupported-media-type", "Content-Type must be application/json"),
+            Self::UnsupportedMediaType => (
+                "unsupported-media-type",
+                "Content-Type must be application/json",
+            ),
             Self::PayloadTooLarge(_) => ("payload-too-large", "The body is too large"),
             Self::Validation(_) => ("validation", "The record is invalid"),
             Self::NotFound => ("not-found", "No such resource"),
             Self::MethodNotAllowed => ("method-not-allowed", "Method not allowed"),
-            Self::IdempotencyMismatch => ("idempotency-mismatch", "Idempotency-Key reused with another body"),
-            Self::IdempotencyInFlight => ("idempotency-in-flight", "A request with this Idempotency-Key is in flight"),
+            Self::IdempotencyMismatch => (
+                "idempotency-mismatch",
+                "Idempotency-Key reused with another body",
+            ),
+            Self::IdempotencyInFlight => (
+                "idempotency-in-flight",
+                "A request with this Idempotency-Key is in flight",
+            ),
             Self::Unauthorized(_) => ("unauthorized", "Authentication required"),
             Self::Forbidden(_) => ("forbidden", "Insufficient scope"),
             Self::TooManyRequests { .. } => ("rate-limited", "Too many requests"),
             Self::Overloaded => ("overloaded", "The service is shedding load"),
             Self::Unavailable { .. } => ("dependency-unavailable", "A dependency is unavailable"),
-            Self::ProjectionBehind { .. } => ("projection-behind", "The read side has not caught up yet"),
+            Self::ProjectionBehind { .. } => {
+                ("projection-behind", "The read side has not caught up yet")
+            }
         }
     }
 

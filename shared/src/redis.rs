@@ -38,7 +38,10 @@ impl Keys {
         let mut s = String::with_capacity(self.prefix.len() + 38);
         s.push_str(&self.prefix);
         s.push_str("r:");
-        s.push_str(id.as_hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()));
+        s.push_str(
+            id.as_hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        );
         s
     }
     /// The projection's watermark (a decimal integer).

@@ -23,7 +23,12 @@ pub fn init_tracing(format: LogFormat) {
     // A second init (tests start several apps in one process) is harmless.
     let _ = match format {
         LogFormat::Json => registry
-            .with(fmt::layer().json().with_current_span(false).flatten_event(true))
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .flatten_event(true),
+            )
             .try_init(),
         LogFormat::Text => registry.with(fmt::layer().compact()).try_init(),
     };

@@ -33,7 +33,10 @@ pub fn unique(prefix: &str) -> String {
 /// The server named by `DATABASE_URL` (or the default), with another database.
 pub fn url_with_db(base: &str, db: &str) -> String {
     let (head, tail) = base.rsplit_once('/').expect("database URL has a path");
-    let query = tail.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let query = tail
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     format!("{head}/{db}{query}")
 }
 
@@ -72,22 +75,25 @@ pub async fn clone_database(server_url: &str, template: Template) -> String {
         Template::Read => (&db::READ_MIGRATOR, "read"),
     };
     let fingerprint: u64 = migrator.iter().fold(0xcbf29ce484222325, |h, m| {
-        m.checksum
-            .iter()
-            .fold(h ^ m.version as u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+        m.checksum.iter().fold(h ^ m.version as u64, |h, b| {
+            (h ^ *b as u64).wrapping_mul(0x100000001b3)
+        })
     });
     let template_name = format!("cqrs_tpl_{kind}_{:012x}", fingerprint & 0xffff_ffff_ffff);
     let admin_url = url_with_db(server_url, "postgres");
-    let mut admin = PgConnection::connect(&admin_url).await.expect("connect to the postgres database");
+    let mut admin = PgConnection::connect(&admin_url)
+        .await
+        .expect("connect to the postgres database");
     admin
         .execute(format!("SELECT pg_advisory_lock(hashtext('{template_name}'))").as_str())
         .await
         .expect("template lock");
-    let ready: Option<bool> = sqlx::query_scalar("SELECT datistemplate FROM pg_database WHERE datname = $1")
-        .bind(&template_name)
-        .fetch_optional(&mut admin)
-        .await
-        .expect("look up template");
+    let ready: Option<bool> =
+        sqlx::query_scalar("SELECT datistemplate FROM pg_database WHERE datname = $1")
+            .bind(&template_name)
+            .fetch_optional(&mut admin)
+            .await
+            .expect("look up template");
     if ready != Some(true) {
         if ready.is_some() {
             // A run died half-way through building it.
@@ -168,7 +174,9 @@ impl TcpProxy {
                             drop(client);
                         }
                         _ => {
-                            let Ok(server) = TcpStream::connect(upstream).await else { return };
+                            let Ok(server) = TcpStream::connect(upstream).await else {
+                                return;
+                            };
                             let _ = client.set_nodelay(true);
                             let _ = server.set_nodelay(true);
                             tokio::select! {
@@ -197,15 +205,22 @@ impl TcpProxy {
     }
 
     pub fn set_delay(&self, delay: Duration) {
-        self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
         self.set_mode(ProxyMode::Delay);
     }
 
     /// `base` with host and port replaced by the proxy's.
     pub fn url(&self, base: &str) -> String {
         let (scheme, rest) = base.split_once("://").expect("URL has a scheme");
-        let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
-        let userinfo = authority.rsplit_once('@').map(|(u, _)| format!("{u}@")).unwrap_or_default();
+        let (authority, path) = rest
+            .split_once('/')
+            .map(|(a, p)| (a, format!("/{p}")))
+            .unwrap_or((rest, String::new()));
+        let userinfo = authority
+            .rsplit_once('@')
+            .map(|(u, _)| format!("{u}@"))
+            .unwrap_or_default();
         format!("{scheme}://{userinfo}{}{path}", self.addr)
     }
 }
@@ -214,7 +229,10 @@ impl TcpProxy {
 pub async fn socket_addr(url: &str) -> SocketAddr {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
     let authority = rest.split('/').next().unwrap_or(rest);
-    let hostport = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+    let hostport = authority
+        .rsplit_once('@')
+        .map(|(_, h)| h)
+        .unwrap_or(authority);
     tokio::net::lookup_host(hostport)
         .await
         .expect("resolve")

@@ -31,13 +31,19 @@ struct RawEnvelope<'a> {
 
 #[derive(Validate)]
 struct Envelope<'a> {
-    #[validate(length(min = 1, max = "MAX_KIND_CHARS"), custom(function = "kind_charset"))]
+    #[validate(
+        length(min = 1, max = "MAX_KIND_CHARS"),
+        custom(function = "kind_charset")
+    )]
     kind: &'a str,
     #[validate(length(min = 1, max = "MAX_KEY_CHARS"), custom(function = "printable"))]
     key: Option<&'a str>,
 }
 
 fn kind_charset(kind: &str) -> Result<(), ValidationError> {
+    if kind.is_empty() {
+        return Ok(()); // the length rule reports it
+    }
     let mut chars = kind.chars();
     let first_ok = chars
         .next()
@@ -66,7 +72,10 @@ fn printable(key: &str) -> Result<(), ValidationError> {
 /// Parses and validates one `POST /data` body.
 pub fn parse_record(body: &[u8]) -> Result<NewRecord, ApiError> {
     let text = body_text(body)?;
-    let raw: RawEnvelope = serde_json::from_str(text).map_err(json_error("a JSON object"))?;
+    // serde would also read a struct from an array; the contract wants an object.
+    let value: &RawValue = serde_json::from_str(text).map_err(json_error("a JSON object"))?;
+    let raw = envelope(value)
+        .ok_or_else(|| ApiError::BadRequest("the body must be a JSON object".into()))?;
     validate_envelope(&raw, "").map_err(ApiError::Validation)
 }
 
@@ -79,19 +88,22 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<NewRecord>, ApiError> {
     if items.is_empty() || items.len() > MAX_BATCH_ITEMS {
         return Err(ApiError::Validation(vec![FieldError::new(
             "",
-            format!("a batch holds 1 to {MAX_BATCH_ITEMS} records, got {}", items.len()),
+            format!(
+                "a batch holds 1 to {MAX_BATCH_ITEMS} records, got {}",
+                items.len()
+            ),
         )]));
     }
     let mut records = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let prefix = format!("[{i}].");
-        match serde_json::from_str::<RawEnvelope>(item.get()) {
-            Ok(raw) => match validate_envelope(&raw, &prefix) {
+        match envelope(item) {
+            Some(raw) => match validate_envelope(&raw, &prefix) {
                 Ok(r) => records.push(r),
                 Err(mut e) => errors.append(&mut e),
             },
-            Err(_) => errors.push(FieldError::new(format!("[{i}]"), "must be a JSON object")),
+            None => errors.push(FieldError::new(format!("[{i}]"), "must be a JSON object")),
         }
     }
     if errors.is_empty() {
@@ -101,8 +113,16 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<NewRecord>, ApiError> {
     }
 }
 
+fn envelope(value: &RawValue) -> Option<RawEnvelope<'_>> {
+    if !value.get().starts_with('{') {
+        return None;
+    }
+    serde_json::from_str(value.get()).ok()
+}
+
 fn body_text(body: &[u8]) -> Result<&str, ApiError> {
-    std::str::from_utf8(body).map_err(|_| ApiError::BadRequest("the body is not valid UTF-8".into()))
+    std::str::from_utf8(body)
+        .map_err(|_| ApiError::BadRequest("the body is not valid UTF-8".into()))
 }
 
 fn json_error(expected: &'static str) -> impl Fn(serde_json::Error) -> ApiError {
@@ -157,7 +177,11 @@ fn validate_envelope(raw: &RawEnvelope, prefix: &str) -> Result<NewRecord, Vec<F
     }
 }
 
-fn required_string(v: Option<&RawValue>, name: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+fn required_string(
+    v: Option<&RawValue>,
+    name: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
     let Some(v) = v else {
         errors.push(FieldError::new(name, "is required"));
         return None;
@@ -291,14 +315,21 @@ mod tests {
     fn keeps_payload_text_verbatim() {
         let body = r#"{"kind":"n","payload":{"big":123456789012345678901234567890,"e":1e300}}"#;
         let r = parse_record(body.as_bytes()).unwrap();
-        assert_eq!(r.payload.get(), r#"{"big":123456789012345678901234567890,"e":1e300}"#);
+        assert_eq!(
+            r.payload.get(),
+            r#"{"big":123456789012345678901234567890,"e":1e300}"#
+        );
     }
 
     #[test]
     fn kind_rules() {
         for bad in ["", "Order", "_x", "-x", ".x", "a b", "é", &"a".repeat(65)] {
             let body = serde_json::json!({"kind": bad, "payload": {}}).to_string();
-            assert_eq!(fields(parse_record(body.as_bytes()).unwrap_err()), ["kind"], "{bad:?}");
+            assert_eq!(
+                fields(parse_record(body.as_bytes()).unwrap_err()),
+                ["kind"],
+                "{bad:?}"
+            );
         }
         for good in ["a", "0", "a.b-c_d", &"a".repeat(64)] {
             let body = serde_json::json!({"kind": good, "payload": {}}).to_string();
@@ -310,7 +341,11 @@ mod tests {
     fn key_rules() {
         for bad in ["", "a\nb", "\u{7f}", "tab\t", &"k".repeat(129)] {
             let body = serde_json::json!({"kind": "k", "key": bad, "payload": {}}).to_string();
-            assert_eq!(fields(parse_record(body.as_bytes()).unwrap_err()), ["key"], "{bad:?}");
+            assert_eq!(
+                fields(parse_record(body.as_bytes()).unwrap_err()),
+                ["key"],
+                "{bad:?}"
+            );
         }
         for good in ["k", "order-123", "ünïcødé ok", &"k".repeat(128)] {
             let body = serde_json::json!({"kind": "k", "key": good, "payload": {}}).to_string();
@@ -332,8 +367,18 @@ mod tests {
 
     #[test]
     fn not_json_or_not_an_object_is_400() {
-        for body in [&b"nope"[..], b"[]", b"1", b"\"s\"", b"{\"kind\":", b"\xff\xfe"] {
-            assert!(matches!(parse_record(body), Err(ApiError::BadRequest(_))), "{body:?}");
+        for body in [
+            &b"nope"[..],
+            b"[]",
+            b"1",
+            b"\"s\"",
+            b"{\"kind\":",
+            b"\xff\xfe",
+        ] {
+            assert!(
+                matches!(parse_record(body), Err(ApiError::BadRequest(_))),
+                "{body:?}"
+            );
         }
     }
 
@@ -342,7 +387,10 @@ mod tests {
         let filler = |n: usize| format!(r#"{{"kind":"a","payload":{{"s":"{}"}}}}"#, "x".repeat(n));
         // {"s":"..."} is 8 bytes of structure around the string.
         assert!(parse_record(filler(MAX_PAYLOAD_BYTES - 8).as_bytes()).is_ok());
-        assert_eq!(fields(parse_record(filler(MAX_PAYLOAD_BYTES - 7).as_bytes()).unwrap_err()), ["payload"]);
+        assert_eq!(
+            fields(parse_record(filler(MAX_PAYLOAD_BYTES - 7).as_bytes()).unwrap_err()),
+            ["payload"]
+        );
     }
 
     #[test]
@@ -355,18 +403,39 @@ mod tests {
             format!(r#"{{"kind":"a","payload":{p}}}"#)
         };
         assert!(parse_record(nested(32).as_bytes()).is_ok());
-        assert_eq!(fields(parse_record(nested(33).as_bytes()).unwrap_err()), ["payload"]);
+        assert_eq!(
+            fields(parse_record(nested(33).as_bytes()).unwrap_err()),
+            ["payload"]
+        );
         // Far deeper than serde_json's own limit: still a clean 422, no overflow.
-        assert_eq!(fields(parse_record(nested(100_000).as_bytes()).unwrap_err()), ["payload"]);
-        let arrays = format!(r#"{{"kind":"a","payload":{{"a":{}1{}}}}}"#, "[".repeat(32), "]".repeat(32));
-        assert_eq!(fields(parse_record(arrays.as_bytes()).unwrap_err()), ["payload"]);
+        assert_eq!(
+            fields(parse_record(nested(100_000).as_bytes()).unwrap_err()),
+            ["payload"]
+        );
+        let arrays = format!(
+            r#"{{"kind":"a","payload":{{"a":{}1{}}}}}"#,
+            "[".repeat(32),
+            "]".repeat(32)
+        );
+        assert_eq!(
+            fields(parse_record(arrays.as_bytes()).unwrap_err()),
+            ["payload"]
+        );
     }
 
     #[test]
     fn nul_is_refused_in_strings_and_keys_but_escaped_backslash_is_fine() {
-        for bad in [r#"{"a":"x\u0000"}"#, r#"{"\u0000":1}"#, r#"{"a":["\u0000"]}"#] {
+        for bad in [
+            r#"{"a":"x\u0000"}"#,
+            r#"{"\u0000":1}"#,
+            r#"{"a":["\u0000"]}"#,
+        ] {
             let body = format!(r#"{{"kind":"a","payload":{bad}}}"#);
-            assert_eq!(fields(parse_record(body.as_bytes()).unwrap_err()), ["payload"], "{bad}");
+            assert_eq!(
+                fields(parse_record(body.as_bytes()).unwrap_err()),
+                ["payload"],
+                "{bad}"
+            );
         }
         let ok = r#"{"kind":"a","payload":{"a":"\\u0000"}}"#;
         assert!(parse_record(ok.as_bytes()).is_ok());
@@ -376,7 +445,12 @@ mod tests {
     fn lone_surrogates_are_refused_pairs_accepted() {
         let ok = r#"{"kind":"a","payload":{"e":"\ud83d\ude00","k":"\u00e9"}}"#;
         assert!(parse_record(ok.as_bytes()).is_ok());
-        for bad in [r#""\ud83d""#, r#""\ude00""#, r#""\ud83dx""#, r#""\ud83d\u0041""#] {
+        for bad in [
+            r#""\ud83d""#,
+            r#""\ude00""#,
+            r#""\ud83dx""#,
+            r#""\ud83d\u0041""#,
+        ] {
             let body = format!(r#"{{"kind":"a","payload":{{"s":{bad}}}}}"#);
             assert!(parse_record(body.as_bytes()).is_err(), "{bad}");
         }
@@ -386,13 +460,17 @@ mod tests {
     fn any_number_is_kept_as_written() {
         let body = br#"{"kind":"a","payload":{"n":1e99999,"t":true,"m":-0.000000000000000000001}}"#;
         let r = parse_record(body).unwrap();
-        assert_eq!(r.payload.get(), r#"{"n":1e99999,"t":true,"m":-0.000000000000000000001}"#);
+        assert_eq!(
+            r.payload.get(),
+            r#"{"n":1e99999,"t":true,"m":-0.000000000000000000001}"#
+        );
     }
 
     #[test]
     fn batch_names_each_bad_element() {
-        let e = parse_batch(br#"[{"kind":"a","payload":{}},{"kind":"B","payload":{}},3]"#).unwrap_err();
-        assert_eq!(fields(e), ["[1].kind", "[2]"]);
+        let e = parse_batch(br#"[{"kind":"a","payload":{}},{"kind":"B","payload":{}},3,[]]"#)
+            .unwrap_err();
+        assert_eq!(fields(e), ["[1].kind", "[2]", "[3]"]);
         assert!(matches!(parse_batch(b"{}"), Err(ApiError::BadRequest(_))));
         assert_eq!(fields(parse_batch(b"[]").unwrap_err()), [""]);
         let many = format!("[{}]", vec![r#"{"kind":"a","payload":{}}"#; 1001].join(","));

@@ -51,7 +51,9 @@ pub async fn create(
     });
     let appended = store::append(&state.pool, vec![record], key).await?;
     let (status, mut records) = outcome(appended, &state);
-    let record = records.pop().ok_or_else(|| ApiError::unavailable("postgres", "no record returned"))?;
+    let record = records
+        .pop()
+        .ok_or_else(|| ApiError::unavailable("postgres", "no record returned"))?;
     Ok(HttpResponse::build(status)
         .insert_header((header::LOCATION, format!("/data/{}", record.id)))
         .content_type("application/json")

@@ -6,11 +6,7 @@ use serde::Deserialize;
 use shared::ApiError;
 use uuid::Uuid;
 
-use crate::{
-    cursor::Cursor,
-    replicas::ListQuery,
-    startup::AppState,
-};
+use crate::{cursor::Cursor, replicas::ListQuery, startup::AppState};
 
 pub const X_CACHE: &str = "x-cache";
 pub const X_PROJECTION_SEQ: &str = "x-projection-seq";
@@ -63,13 +59,18 @@ fn record_response(doc: String, cache: &'static str, watermark: i64) -> HttpResp
         .body(doc)
 }
 
-type Load = Shared<futures_util::future::BoxFuture<'static, Result<(Option<Arc<str>>, i64), String>>>;
+type Load =
+    Shared<futures_util::future::BoxFuture<'static, Result<(Option<Arc<str>>, i64), String>>>;
 
 /// Concurrent misses for one id share one database read and one refill.
 #[derive(Default)]
 pub struct InFlight(std::sync::Mutex<HashMap<Uuid, Load>>);
 
-async fn load_once(state: &web::Data<AppState>, id: Uuid, min_wm: i64) -> Result<(Option<Arc<str>>, i64), ApiError> {
+async fn load_once(
+    state: &web::Data<AppState>,
+    id: Uuid,
+    min_wm: i64,
+) -> Result<(Option<Arc<str>>, i64), ApiError> {
     let (fut, leader) = {
         let mut map = state.in_flight.0.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(&id) {
@@ -77,7 +78,11 @@ async fn load_once(state: &web::Data<AppState>, id: Uuid, min_wm: i64) -> Result
             None => {
                 let st = state.clone();
                 let f = async move {
-                    let (doc, wm) = st.replicas.get(&id, min_wm).await.map_err(|e| e.to_string())?;
+                    let (doc, wm) = st
+                        .replicas
+                        .get(&id, min_wm)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     let doc: Option<Arc<str>> = doc.map(Into::into);
                     if let Some(d) = &doc {
                         st.cache.put(&id, d).await;
@@ -93,12 +98,21 @@ async fn load_once(state: &web::Data<AppState>, id: Uuid, min_wm: i64) -> Result
     };
     let result = fut.await;
     if leader {
-        state.in_flight.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        state
+            .in_flight
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
     match result {
         // A follower that needs a later watermark than the leader asked for
         // must not take the leader's "not found" for an answer.
-        Ok((None, wm)) if wm < min_wm => state.replicas.get(&id, min_wm).await.map(|(d, w)| (d.map(Into::into), w)),
+        Ok((None, wm)) if wm < min_wm => state
+            .replicas
+            .get(&id, min_wm)
+            .await
+            .map(|(d, w)| (d.map(Into::into), w)),
         Ok(v) => Ok(v),
         Err(reason) => Err(ApiError::Unavailable {
             dependency: "read replicas",
@@ -131,7 +145,10 @@ pub struct ListParams {
         (status = 503, description = "Projection behind min_seq, or replicas down", body = shared::error::Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn list(params: web::Query<ListParams>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn list(
+    params: web::Query<ListParams>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let p = params.into_inner();
     let limit = match p.limit.as_deref() {
         None => 50,
@@ -139,7 +156,9 @@ pub async fn list(params: web::Query<ListParams>, state: web::Data<AppState>) ->
             .parse::<i64>()
             .ok()
             .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| ApiError::BadRequest("limit must be an integer from 1 to 1000".into()))?,
+            .ok_or_else(|| {
+                ApiError::BadRequest("limit must be an integer from 1 to 1000".into())
+            })?,
     };
     let min_seq = p.min_seq.map(check_seq).transpose()?;
     let (kind, key) = (p.kind.as_deref(), p.key.as_deref());
@@ -166,7 +185,14 @@ pub async fn list(params: web::Query<ListParams>, state: web::Data<AppState>) ->
         .await?;
     let bound = cursor.map(|c| c.bound).unwrap_or(page.watermark);
     let next = match (page.more, page.last_seq) {
-        (true, Some(last)) => Some(state.cursors.encode(Cursor { before: last, bound }, kind, key)),
+        (true, Some(last)) => Some(state.cursors.encode(
+            Cursor {
+                before: last,
+                bound,
+            },
+            kind,
+            key,
+        )),
         _ => None,
     };
     let mut body = String::with_capacity(page.docs.iter().map(|d| d.len() + 1).sum::<usize>() + 64);
@@ -190,13 +216,18 @@ pub async fn list(params: web::Query<ListParams>, state: web::Data<AppState>) ->
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .insert_header((X_CACHE, "miss"))
-        .insert_header((X_PROJECTION_SEQ, page.watermark.max(state.watermark.current())))
+        .insert_header((
+            X_PROJECTION_SEQ,
+            page.watermark.max(state.watermark.current()),
+        ))
         .body(body))
 }
 
 fn check_seq(s: i64) -> Result<i64, ApiError> {
     if s < 0 {
-        Err(ApiError::BadRequest("min_seq must be a non-negative integer".into()))
+        Err(ApiError::BadRequest(
+            "min_seq must be a non-negative integer".into(),
+        ))
     } else {
         Ok(s)
     }

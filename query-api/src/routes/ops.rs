@@ -11,7 +11,10 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         .await
         .unwrap_or_else(|_| Err("timed out".into()));
     let redis = state.cache.ping().await;
-    shared::http::readiness(vec![("read_replicas", true, replicas), ("redis", false, redis)])
+    shared::http::readiness(vec![
+        ("read_replicas", true, replicas),
+        ("redis", false, redis),
+    ])
 }
 
 pub async fn openapi() -> HttpResponse {

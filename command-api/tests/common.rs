@@ -1,0 +1,116 @@
+//! Starting the command API in-process on a random port against its own
+//! database, exchange and queue.
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use serde_json::Value;
+use shared::{bus::RecordsMessage, testkit, Settings};
+use sqlx::PgPool;
+
+pub struct TestApp {
+    pub base: String,
+    pub settings: Settings,
+    pub db: PgPool,
+    pub http: reqwest::Client,
+    pub handle: actix_web::dev::ServerHandle,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(testkit::isolated_settings().await).await
+    }
+
+    pub async fn spawn_with(settings: Settings) -> Self {
+        shared::telemetry::init_tracing(settings.log_format);
+        let app = command_api::Application::build(settings.clone())
+            .await
+            .expect("app builds");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let handle = app.server_handle();
+        tokio::spawn(app.run_until_stopped());
+        let db = PgPool::connect(&settings.database_url)
+            .await
+            .expect("test db");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        Self {
+            base,
+            settings,
+            db,
+            http,
+            handle,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http
+            .post(format!("{}{}", self.base, path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.post(path, body.to_string()).await
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the outbox is empty (everything confirmed by RabbitMQ).
+    pub async fn outbox_drained(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.count("outbox").await == 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// Takes messages off this test's queue until `n` records arrived.
+    pub async fn consume_records(&self, n: usize, within: Duration) -> Vec<Value> {
+        let conn = shared::amqp::connect(&self.settings.amqp_url, Duration::from_secs(5))
+            .await
+            .expect("amqp");
+        let ch = conn.create_channel().await.unwrap();
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            match ch
+                .basic_get(&self.settings.amqp_queue, BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
+                Some(msg) => {
+                    assert_eq!(msg.properties.delivery_mode(), &Some(2), "persistent");
+                    let body: RecordsMessage =
+                        serde_json::from_slice(&msg.data).expect("v1 message");
+                    assert_eq!(body.v, 1);
+                    for r in body.records {
+                        out.push(serde_json::to_value(&r).unwrap());
+                    }
+                    msg.ack(BasicAckOptions::default()).await.unwrap();
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        out
+    }
+}
+
+pub fn record(kind: &str) -> Value {
+    serde_json::json!({"kind": kind, "key": "k-1", "payload": {"n": 1}})
+}

@@ -1,0 +1,442 @@
+//! The write path against real PostgreSQL and RabbitMQ.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{record, TestApp};
+use serde_json::{json, Value};
+use shared::testkit::{self, ProxyMode, TcpProxy};
+
+#[tokio::test]
+async fn post_commits_publishes_and_answers_the_record() {
+    let app = TestApp::spawn().await;
+    let body = r#"{"kind":"order","key":"order-123","payload":{"big":123456789012345678901234567890,"e":1e300,"nested":{"a":[1,2,{"b":null}]}}}"#;
+    let res = app.post("/data", body).await;
+    assert_eq!(res.status(), 201);
+    let location = res.headers()["location"].to_str().unwrap().to_string();
+    let text = res.text().await.unwrap();
+    let rec: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(location, format!("/data/{}", rec["id"].as_str().unwrap()));
+    let id = uuid::Uuid::parse_str(rec["id"].as_str().unwrap()).unwrap();
+    assert_eq!(id.get_version_num(), 7);
+    assert_eq!(rec["kind"], "order");
+    assert_eq!(rec["key"], "order-123");
+    assert!(rec["seq"].as_i64().unwrap() >= 1);
+    let created = rec["created_at"].as_str().unwrap();
+    assert_eq!(
+        created.len(),
+        "2026-11-22T01:23:45.678901Z".len(),
+        "{created}"
+    );
+    assert!(created.ends_with('Z'));
+    // Numbers keep all their digits, as written.
+    assert!(
+        text.contains(r#""big":123456789012345678901234567890"#),
+        "{text}"
+    );
+    assert!(text.contains(r#""e":1e300"#), "{text}");
+
+    // In the write log, payload verbatim.
+    let (seq, payload): (i64, String) =
+        sqlx::query_as("SELECT seq, payload::text FROM records WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(seq, rec["seq"].as_i64().unwrap());
+    assert!(payload.contains("123456789012345678901234567890"));
+
+    // And on the queue bound to the exchange, as the same record.
+    let msgs = app.consume_records(1, Duration::from_secs(10)).await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["id"], rec["id"]);
+    assert_eq!(msgs[0]["seq"], rec["seq"]);
+    assert!(app.outbox_drained(Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_cleanly_and_writes_nothing() {
+    let app = TestApp::spawn().await;
+    let cases: Vec<(&str, Option<&str>, String, u16)> = vec![
+        ("/data", Some("application/json"), "not json".into(), 400),
+        ("/data", Some("application/json"), "[]".into(), 400),
+        ("/data", Some("application/json"), "".into(), 400),
+        ("/data", Some("text/plain"), record("a").to_string(), 415),
+        ("/data", None, record("a").to_string(), 415),
+        (
+            "/data",
+            Some("application/json"),
+            json!({"kind": "a"}).to_string(),
+            422,
+        ),
+        (
+            "/data",
+            Some("application/json"),
+            json!({"kind": "A!", "payload": {}}).to_string(),
+            422,
+        ),
+        (
+            "/data",
+            Some("application/json"),
+            json!({"kind": "a", "payload": 5}).to_string(),
+            422,
+        ),
+        ("/data/batch", Some("application/json"), "{}".into(), 400),
+        ("/data/batch", Some("application/json"), "[]".into(), 422),
+    ];
+    for (path, ctype, body, status) in cases {
+        let mut req = app
+            .http
+            .post(format!("{}{}", app.base, path))
+            .body(body.clone());
+        if let Some(c) = ctype {
+            req = req.header("content-type", c);
+        }
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status().as_u16(), status, "{path} {ctype:?} {body}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(problem["status"], status);
+        assert!(problem["title"].is_string() && problem["type"].is_string());
+    }
+    // Every bad field is listed.
+    let res = app
+        .post_json("/data", &json!({"kind": null, "key": "", "payload": []}))
+        .await;
+    let problem: Value = res.json().await.unwrap();
+    let mut fields: Vec<&str> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    fields.sort();
+    assert_eq!(fields, ["key", "kind", "payload"]);
+    assert_eq!(app.count("records").await, 0);
+    assert_eq!(app.count("outbox").await, 0);
+}
+
+#[tokio::test]
+async fn limits_at_the_edges() {
+    let app = TestApp::spawn().await;
+    // Payload: 64 KiB as received is fine, one byte more is not.
+    let payload = |n: usize| format!(r#"{{"s":"{}"}}"#, "x".repeat(n - 8));
+    let body = |p: String| format!(r#"{{"kind":"a","payload":{p}}}"#);
+    assert_eq!(app.post("/data", body(payload(65_535))).await.status(), 201);
+    assert_eq!(app.post("/data", body(payload(65_536))).await.status(), 201);
+    assert_eq!(app.post("/data", body(payload(65_537))).await.status(), 422);
+    // Body: 1 MiB is the limit (whitespace pads a valid record).
+    let padded = |n: usize| {
+        let r = record("a").to_string();
+        format!("{}{}", r, " ".repeat(n - r.len()))
+    };
+    assert_eq!(app.post("/data", padded(1024 * 1024)).await.status(), 201);
+    assert_eq!(
+        app.post("/data", padded(1024 * 1024 + 1)).await.status(),
+        413
+    );
+    // Depth 32 fine, 33 not; kind 64 fine, 65 not; key 128 fine, 129 not.
+    let nested =
+        |levels: usize| (1..levels).fold("{}".to_string(), |p, _| format!(r#"{{"a":{p}}}"#));
+    assert_eq!(app.post("/data", body(nested(32))).await.status(), 201);
+    assert_eq!(app.post("/data", body(nested(33))).await.status(), 422);
+    assert_eq!(
+        app.post_json("/data", &json!({"kind": "k".repeat(64), "payload": {}}))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        app.post_json("/data", &json!({"kind": "k".repeat(65), "payload": {}}))
+            .await
+            .status(),
+        422
+    );
+    assert_eq!(
+        app.post_json(
+            "/data",
+            &json!({"kind": "k", "key": "b".repeat(128), "payload": {}})
+        )
+        .await
+        .status(),
+        201
+    );
+    assert_eq!(
+        app.post_json(
+            "/data",
+            &json!({"kind": "k", "key": "b".repeat(129), "payload": {}})
+        )
+        .await
+        .status(),
+        422
+    );
+    assert_eq!(
+        app.post_json("/data", &json!({"kind": "k", "payload": {"s": "a\u{0}b"}}))
+            .await
+            .status(),
+        422
+    );
+    assert_eq!(app.count("records").await, 6);
+}
+
+#[tokio::test]
+async fn a_huge_body_is_refused_without_being_buffered() {
+    let app = TestApp::spawn().await;
+    // Declared too large: refused before reading.
+    let res = app
+        .http
+        .post(format!("{}/data/batch", app.base))
+        .header("content-type", "application/json")
+        .header("content-length", (1u64 << 30).to_string())
+        .body(vec![b' '; 1024])
+        .send()
+        .await;
+    if let Ok(res) = res {
+        assert_eq!(res.status(), 413);
+    }
+    // Streamed without a length: cut off at the limit.
+    let chunk = bytes_of(1024 * 1024);
+    let stream =
+        futures_util::stream::iter((0..64).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let res = app
+        .http
+        .post(format!("{}/data", app.base))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await;
+    if let Ok(res) = res {
+        assert_eq!(res.status(), 413);
+    }
+    // Still serving, nothing written.
+    assert_eq!(app.post_json("/data", &record("a")).await.status(), 201);
+    assert_eq!(app.count("records").await, 1);
+}
+
+fn bytes_of(n: usize) -> Vec<u8> {
+    vec![b' '; n]
+}
+
+#[tokio::test]
+async fn batch_is_all_or_nothing_and_in_order() {
+    let app = TestApp::spawn().await;
+    let bad = json!([record("a"), {"kind": "B", "payload": {}}, record("c"), {"payload": 1}]);
+    let res = app.post_json("/data/batch", &bad).await;
+    assert_eq!(res.status(), 422);
+    let problem: Value = res.json().await.unwrap();
+    let fields: Vec<String> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap().to_string())
+        .collect();
+    assert!(fields.contains(&"[1].kind".to_string()), "{fields:?}");
+    assert!(fields.iter().any(|f| f.starts_with("[3].")), "{fields:?}");
+    assert!(!fields
+        .iter()
+        .any(|f| f.starts_with("[0]") || f.starts_with("[2]")));
+    assert_eq!(app.count("records").await, 0);
+
+    let items: Vec<Value> = (0..1000)
+        .map(|i| json!({"kind": "b", "key": format!("k{i}"), "payload": {"i": i}}))
+        .collect();
+    let res = app.post_json("/data/batch", &Value::Array(items)).await;
+    assert_eq!(res.status(), 201);
+    let body: Value = res.json().await.unwrap();
+    let out = body["items"].as_array().unwrap();
+    assert_eq!(out.len(), 1000);
+    for (i, r) in out.iter().enumerate() {
+        assert_eq!(r["key"], format!("k{i}"));
+        assert_eq!(r["payload"]["i"], i);
+        if i > 0 {
+            assert!(
+                r["seq"].as_i64() > out[i - 1]["seq"].as_i64(),
+                "seq follows request order"
+            );
+        }
+    }
+    assert_eq!(app.count("records").await, 1000);
+    let msgs = app.consume_records(1000, Duration::from_secs(15)).await;
+    assert_eq!(msgs.len(), 1000);
+}
+
+#[tokio::test]
+async fn idempotency_key_repeats_conflicts_and_concurrency() {
+    let app = TestApp::spawn().await;
+    let send = |key: &'static str, body: Value| {
+        let app_http = app.http.clone();
+        let url = format!("{}/data", app.base);
+        async move {
+            app_http
+                .post(url)
+                .header("content-type", "application/json")
+                .header("idempotency-key", key)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = send("key-1", record("a")).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let again = send("key-1", record("a")).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    let other = send("key-1", record("b")).await;
+    assert_eq!(other.status(), 422);
+    assert_eq!(app.count("records").await, 1);
+
+    // 25 concurrent repeats of a new key: exactly one record.
+    let answers = futures_util::future::join_all((0..25).map(|_| send("key-2", record("c")))).await;
+    let mut ids = std::collections::HashSet::new();
+    let mut created = 0;
+    for res in answers {
+        let status = res.status().as_u16();
+        assert!(matches!(status, 200 | 201 | 409), "{status}");
+        if status == 201 {
+            created += 1;
+        }
+        if status != 409 {
+            ids.insert(res.json::<Value>().await.unwrap()["id"].clone());
+        }
+    }
+    assert_eq!(created, 1);
+    assert_eq!(ids.len(), 1);
+    assert_eq!(app.count("records").await, 2);
+
+    // Batches too; bad keys are refused.
+    let batch = json!([record("x"), record("y")]);
+    let b1 = app
+        .http
+        .post(format!("{}/data/batch", app.base))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "kb")
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(b1.status(), 201);
+    let b1: Value = b1.json().await.unwrap();
+    let b2 = app
+        .http
+        .post(format!("{}/data/batch", app.base))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "kb")
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(b2.status(), 200);
+    assert_eq!(b2.json::<Value>().await.unwrap(), b1);
+    let long = "k".repeat(256);
+    let res = app
+        .http
+        .post(format!("{}/data", app.base))
+        .header("content-type", "application/json")
+        .header("idempotency-key", long)
+        .body(record("a").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 422);
+    assert_eq!(app.count("records").await, 4);
+}
+
+#[tokio::test]
+async fn writes_succeed_while_the_broker_is_down_and_drain_when_it_returns() {
+    let mut settings = testkit::isolated_settings().await;
+    let proxy = TcpProxy::start(testkit::socket_addr(&settings.amqp_url).await).await;
+    proxy.set_mode(ProxyMode::Reset);
+    settings.amqp_url = proxy.url(&settings.amqp_url);
+    let app = TestApp::spawn_with(settings).await;
+    for i in 0..20 {
+        let res = app
+            .post_json("/data", &json!({"kind": "a", "payload": {"i": i}}))
+            .await;
+        assert_eq!(res.status(), 201);
+    }
+    assert_eq!(
+        app.count("outbox").await,
+        20,
+        "held in the outbox while the broker is away"
+    );
+    proxy.set_mode(ProxyMode::Pass);
+    assert!(
+        app.outbox_drained(Duration::from_secs(15)).await,
+        "drained after the broker returned"
+    );
+    let msgs = app.consume_records(20, Duration::from_secs(10)).await;
+    assert_eq!(msgs.len(), 20);
+
+    // Cut again while connected: writes still succeed, and drain again.
+    proxy.set_mode(ProxyMode::Reset);
+    for _ in 0..5 {
+        assert_eq!(app.post_json("/data", &record("b")).await.status(), 201);
+    }
+    proxy.set_mode(ProxyMode::Pass);
+    assert!(app.outbox_drained(Duration::from_secs(15)).await);
+}
+
+#[tokio::test]
+async fn postgres_down_is_a_fast_503_and_recovers() {
+    let mut settings = testkit::isolated_settings().await;
+    let proxy = TcpProxy::start(testkit::socket_addr(&settings.database_url).await).await;
+    settings.database_url = proxy.url(&settings.database_url);
+    let app = TestApp::spawn_with(settings).await;
+    assert_eq!(app.post_json("/data", &record("a")).await.status(), 201);
+
+    for mode in [ProxyMode::Reset, ProxyMode::BlackHole] {
+        proxy.set_mode(mode);
+        for _ in 0..3 {
+            let started = Instant::now();
+            let res = app.post_json("/data", &record("a")).await;
+            let took = started.elapsed();
+            assert_eq!(res.status(), 503, "{mode:?}");
+            assert!(res.headers().contains_key("retry-after"));
+            assert!(took < Duration::from_millis(1500), "{mode:?} took {took:?}");
+        }
+        let ready = app
+            .http
+            .get(format!("{}/readyz", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 503);
+        assert!(ready.text().await.unwrap().contains("postgres"));
+        proxy.set_mode(ProxyMode::Pass);
+        // Recovers without a restart.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = app.post_json("/data", &record("a")).await.status();
+            if s == 201 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "did not recover: {s}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn ops_endpoints() {
+    let app = TestApp::spawn().await;
+    let get = |p: &str| app.http.get(format!("{}{}", app.base, p)).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    app.post_json("/data", &record("a")).await;
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"http_requests_total{method="POST",route="/data",status="201"}"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("http_request_duration_seconds_bucket"));
+    let doc: Value = get("/openapi.json").await.unwrap().json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(doc["paths"]["/data"]["post"].is_object());
+    assert!(doc["paths"]["/data/batch"]["post"].is_object());
+    let res = get("/nope").await.unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+}
