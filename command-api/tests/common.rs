@@ -31,9 +31,7 @@ impl TestApp {
         let base = format!("http://127.0.0.1:{}", app.port());
         let handle = app.server_handle();
         tokio::spawn(app.run_until_stopped());
-        let db = PgPool::connect(&settings.database_url)
-            .await
-            .expect("test db");
+        let db = test_pool(&settings.database_url).await.expect("test db");
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -113,4 +111,12 @@ impl TestApp {
 
 pub fn record(kind: &str) -> Value {
     serde_json::json!({"kind": kind, "key": "k-1", "payload": {"n": 1}})
+}
+
+/// A small pool: many tests run at once against one server.
+async fn test_pool(url: &str) -> Result<PgPool, sqlx::Error> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(url)
+        .await
 }

@@ -28,8 +28,13 @@ struct OpsState {
 
 impl Projector {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let write = db::pool_sized(&settings.database_url, &settings, "projector", 4)?;
-        let read = db::pool_sized(settings.read_primary_url(), &settings, "projector", 8)?;
+        let write = db::pool_sized(
+            &settings.database_url,
+            &settings,
+            "projector",
+            settings.db_pool_size.min(4),
+        )?;
+        let read = db::pool(settings.read_primary_url(), &settings, "projector")?;
         if settings.run_migrations {
             db::READ_MIGRATOR.run(&read).await?;
         }
@@ -89,6 +94,11 @@ impl Projector {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Stopping the server stops the projector, as SIGTERM does.
+    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
     }
 
     /// Runs until SIGTERM/SIGINT, then lets the current batch finish and be

@@ -7,13 +7,16 @@
 //! one that is exact, with no timeout guessing:
 //!
 //! 1. Read `L`, the last value the sequence handed out.
-//! 2. Then take a snapshot `S` of the write database. Every writer takes its
-//!    transaction id before its sequence value (`next_record_seq()`), so every
-//!    transaction that holds a `seq <= L` is either finished or listed as
-//!    in progress in `S`.
-//! 3. Once every transaction listed in `S` has finished (checked on later
-//!    snapshots), the set of committed records with `seq <= L` is final:
-//!    each such seq is visible in the write log or will never exist.
+//! 2. Then draw a transaction id `H` (and commit it at once). Every writer
+//!    takes its transaction id before its sequence value
+//!    (`next_record_seq()`), so every transaction that holds a `seq <= L` has
+//!    an id below `H`.
+//! 3. Take a snapshot `S`: the ids below `H` still running are listed in it
+//!    (a snapshot does not list ids at or above its `xmax`, which is why `H`
+//!    is drawn rather than read off a snapshot). Once all of them have
+//!    finished (checked on later snapshots), the set of committed records
+//!    with `seq <= L` is final: each such seq is visible in the write log or
+//!    will never exist.
 //! 4. W advances to `L` when the read model holds every committed seq in
 //!    `(W, L]`. A seq that stays missing longer than `CATCHUP_AFTER_MS` (the
 //!    broker lost it, the queue was purged, the projector started late) is
@@ -146,17 +149,30 @@ impl Tracker {
         )
         .fetch_one(&self.write)
         .await?;
-        // A separate statement, so the snapshot is taken after `head` was read.
+        metrics::WRITE_LOG_HEAD.set(head);
+        // A transaction id drawn *after* reading `head`: every writer that
+        // holds a seq <= head took its own id before that, so its id is lower.
+        // (A snapshot alone cannot tell: ids above its xmax are not listed.)
+        let horizon: Option<u64> =
+            if head > self.watermark && self.pending.back().map(|p| p.0) != Some(head) {
+                let x: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+                    .fetch_one(&self.write)
+                    .await?;
+                Some(x.parse().map_err(|_| WatermarkError::Snapshot(x))?)
+            } else {
+                None
+            };
+        // Taken after `horizon` committed, so every id below it that is still
+        // running is listed here.
         let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
             .fetch_one(&self.write)
             .await?;
-        let in_progress = parse_in_progress(&snapshot)?;
-        metrics::WRITE_LOG_HEAD.set(head);
-
-        if head > self.watermark && self.pending.back().map(|p| p.0) != Some(head) {
-            self.pending.push_back((head, in_progress.clone()));
+        let running = parse_in_progress(&snapshot)?;
+        if let Some(h) = horizon {
+            let blockers = running.iter().copied().filter(|x| *x < h).collect();
+            self.pending.push_back((head, blockers));
         }
-        let running: HashSet<u64> = in_progress.into_iter().collect();
+        let running: HashSet<u64> = running.into_iter().collect();
         let mut settled = self.watermark;
         while let Some((l, xids)) = self.pending.front() {
             if xids.iter().any(|x| running.contains(x)) {
@@ -166,6 +182,14 @@ impl Tracker {
             self.pending.pop_front();
         }
         let before = self.watermark;
+        tracing::trace!(
+            head,
+            ?snapshot,
+            settled,
+            w = self.watermark,
+            pending = self.pending.len(),
+            "tick"
+        );
         if settled > self.watermark {
             self.advance(settled).await?;
         }

@@ -9,6 +9,17 @@ use shared::{db, ApiError, Settings};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+static REPLICA_READS: std::sync::LazyLock<prometheus::IntCounterVec> =
+    std::sync::LazyLock::new(|| {
+        prometheus::register_int_counter_vec_with_registry!(
+            "query_replica_reads_total",
+            "Reads that went to a read replica (cache misses and list pages)",
+            &["op"],
+            shared::telemetry::REGISTRY
+        )
+        .expect("metric registers")
+    });
+
 pub struct Replicas {
     pools: Vec<PgPool>,
     next: AtomicUsize,
@@ -80,6 +91,7 @@ impl Replicas {
         id: &Uuid,
         min_watermark: i64,
     ) -> Result<(Option<String>, i64), ApiError> {
+        REPLICA_READS.with_label_values(&["get"]).inc();
         self.each(|pool| async move {
             let row = sqlx::query(
                 "SELECT w.watermark, r.doc FROM projection_state w \
@@ -99,6 +111,7 @@ impl Replicas {
     }
 
     pub async fn list(&self, q: ListQuery<'_>, min_watermark: i64) -> Result<Page, ApiError> {
+        REPLICA_READS.with_label_values(&["list"]).inc();
         let need = min_watermark.max(q.bound.unwrap_or(0));
         let sql = list_sql(q.kind.is_some(), q.key.is_some());
         self.each(|pool| {

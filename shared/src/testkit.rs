@@ -56,7 +56,8 @@ pub async fn isolated_settings() -> Settings {
     s.redis_prefix = format!("test:{tag}:");
     s.http_host = "127.0.0.1".into();
     s.http_port = 0;
-    s.db_pool_size = 8;
+    // Many stacks run at once; PostgreSQL's default is 100 connections.
+    s.db_pool_size = 3;
     s
 }
 

@@ -162,14 +162,22 @@ fn validate_envelope(raw: &RawEnvelope, prefix: &str) -> Result<NewRecord, Vec<F
         },
     };
 
-    if let Some(kind) = kind.as_deref() {
-        let envelope = Envelope {
-            kind,
-            key: key.as_deref(),
-        };
-        if let Err(e) = envelope.validate() {
-            collect(&e, prefix, &mut errors);
-        }
+    // The rules run even when `kind` is already reported, so that every bad
+    // field is listed; a placeholder stands in for the missing kind.
+    let envelope = Envelope {
+        kind: kind.as_deref().unwrap_or("placeholder"),
+        key: key.as_deref(),
+    };
+    if let Err(e) = envelope.validate() {
+        let mut found = Vec::new();
+        collect(&e, prefix, &mut found);
+        let kind_field = field("kind");
+        errors.extend(
+            found
+                .into_iter()
+                .filter(|f| kind.is_some() || f.field != kind_field),
+        );
+        errors.sort_by(|a, b| a.field.cmp(&b.field));
     }
     match (kind, payload) {
         (Some(kind), Some(payload)) if errors.is_empty() => Ok(NewRecord { kind, key, payload }),

@@ -1,0 +1,596 @@
+//! The read path end to end: command-api, projector and query-api against
+//! real PostgreSQL, RabbitMQ and Redis.
+
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
+
+use e2e::{ProxyMode, Stack, TcpProxy};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+fn rec(kind: &str, i: usize) -> Value {
+    json!({"kind": kind, "key": format!("key-{}", i % 7), "payload": {"i": i, "f": 1.5}})
+}
+
+#[tokio::test]
+async fn read_your_writes_fifty_in_a_row() {
+    let stack = Stack::start().await;
+    for i in 0..50 {
+        let body = format!(
+            r#"{{"kind":"ryw","payload":{{"i":{i},"n":1e300,"big":123456789012345678901234567890}}}}"#
+        );
+        let res = stack
+            .http
+            .post(format!("{}/data", stack.cmd))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+        let created = res.text().await.unwrap();
+        let v: Value = serde_json::from_str(&created).unwrap();
+        let res = stack
+            .get(&format!(
+                "/data/{}?min_seq={}",
+                v["id"].as_str().unwrap(),
+                v["seq"]
+            ))
+            .await;
+        if res.status() != 200 {
+            let hdrs = format!("{:?}", res.headers());
+            let id = Uuid::parse_str(v["id"].as_str().unwrap()).unwrap();
+            let inread: i64 = sqlx::query_scalar("SELECT count(*) FROM records WHERE id = $1")
+                .bind(id)
+                .fetch_one(&stack.read_db)
+                .await
+                .unwrap();
+            let wm: i64 = sqlx::query_scalar("SELECT watermark FROM projection_state")
+                .fetch_one(&stack.read_db)
+                .await
+                .unwrap();
+            let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM records ORDER BY seq")
+                .fetch_all(&stack.read_db)
+                .await
+                .unwrap();
+            panic!(
+                "write {i} {v} not visible: {} {hdrs} in_read={inread} wm={wm} read seqs={seqs:?}",
+                res.status()
+            );
+        }
+        let seen: i64 = res.headers()["x-projection-seq"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(seen >= v["seq"].as_i64().unwrap());
+        assert!(res.headers().contains_key("x-cache"));
+        // The same JSON text: numbers keep every digit and spelling.
+        assert_eq!(res.text().await.unwrap(), created);
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn pagination_visits_every_record_exactly_once_while_writes_continue() {
+    let stack = Stack::start().await;
+    let items: Vec<Value> = (0..120)
+        .map(|i| rec(if i % 3 == 0 { "a" } else { "b" }, i))
+        .collect();
+    let created = stack.post_batch(&items).await;
+    let last = created.last().unwrap()["seq"].as_i64().unwrap();
+    stack.wait_visible(last, Duration::from_secs(10)).await;
+
+    let writer = {
+        let http = stack.http.clone();
+        let url = format!("{}/data", stack.cmd);
+        tokio::spawn(async move {
+            for i in 0..60 {
+                let _ = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(rec("a", 1000 + i).to_string())
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    for (filter, expected) in [("", 120), ("&kind=a", 40), ("&kind=b&key=key-1", 0)] {
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let mut url = format!("/data?limit=7{filter}");
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let res = stack.get(&url).await;
+            assert_eq!(res.status(), 200);
+            let page: Value = res.json().await.unwrap();
+            let items = page["items"].as_array().unwrap();
+            assert!(items.len() <= 7);
+            for w in items.windows(2) {
+                assert!(w[0]["seq"].as_i64() > w[1]["seq"].as_i64(), "newest first");
+            }
+            seen.extend(items.iter().map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_string(),
+                    r["seq"].as_i64().unwrap(),
+                    r.clone(),
+                )
+            }));
+            pages += 1;
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        let ids: HashSet<&String> = seen.iter().map(|(id, _, _)| id).collect();
+        assert_eq!(ids.len(), seen.len(), "no record twice ({filter})");
+        // Every record committed before the traversal began is visited.
+        let initial: Vec<&Value> = created
+            .iter()
+            .filter(|r| match filter {
+                "" => true,
+                "&kind=a" => r["kind"] == "a",
+                _ => r["kind"] == "b" && r["key"] == "key-1",
+            })
+            .collect();
+        if filter != "&kind=b&key=key-1" {
+            assert_eq!(initial.len(), expected);
+        }
+        for r in initial {
+            assert!(
+                ids.contains(&r["id"].as_str().unwrap().to_string()),
+                "missed {r} ({filter})"
+            );
+        }
+        assert!(pages > 1 || filter.contains("key-1"));
+        for (_, _, r) in &seen {
+            if filter.contains("kind=a") {
+                assert_eq!(r["kind"], "a");
+            }
+        }
+    }
+    writer.await.unwrap();
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn bad_list_parameters_and_forged_cursors_are_400() {
+    let stack = Stack::start().await;
+    let items: Vec<Value> = (0..5).map(|i| rec("c", i)).collect();
+    let created = stack.post_batch(&items).await;
+    stack
+        .wait_visible(created[4]["seq"].as_i64().unwrap(), Duration::from_secs(10))
+        .await;
+    let page: Value = stack
+        .get("/data?limit=2&kind=c")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    assert_eq!(
+        stack
+            .get(&format!("/data?limit=2&kind=c&cursor={cursor}"))
+            .await
+            .status(),
+        200
+    );
+    let mut forged = cursor.clone().into_bytes();
+    let i = forged.len() / 2;
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    for url in [
+        format!("/data?limit=2&kind=c&cursor={forged}"),
+        format!("/data?limit=2&kind=d&cursor={cursor}"),
+        "/data?cursor=not-a-cursor".to_string(),
+        "/data?limit=0".to_string(),
+        "/data?limit=1001".to_string(),
+        "/data?limit=abc".to_string(),
+        "/data?min_seq=-1".to_string(),
+        "/data?min_seq=x".to_string(),
+    ] {
+        let res = stack.get(&url).await;
+        assert_eq!(res.status(), 400, "{url}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        assert!(res.headers().contains_key("x-projection-seq"));
+    }
+    assert_eq!(stack.get("/data?limit=1000").await.status(), 200);
+    assert_eq!(stack.get("/data?limit=1").await.status(), 200);
+    let res = stack.get(&format!("/data/{}", Uuid::now_v7())).await;
+    assert_eq!(res.status(), 404);
+    assert!(
+        res.headers().contains_key("x-cache") && res.headers().contains_key("x-projection-seq")
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn watermark_holds_below_an_uncommitted_seq_and_passes_rolled_back_gaps() {
+    let mut settings = Stack::settings().await;
+    settings.read_wait = Duration::from_millis(300);
+    let stack = Stack::start_with(settings, false).await;
+    let first = stack.post(&rec("w", 0)).await;
+    stack
+        .wait_visible(first["seq"].as_i64().unwrap(), Duration::from_secs(10))
+        .await;
+
+    // A writer that took its seq and has not committed yet.
+    let mut slow = stack.write_db.begin().await.unwrap();
+    let slow_id = Uuid::now_v7();
+    let slow_seq: i64 = sqlx::query_scalar(
+        "INSERT INTO records (id, kind, payload, created_at) VALUES ($1, 'slow', '{}', now()) RETURNING seq",
+    )
+    .bind(slow_id)
+    .fetch_one(&mut *slow)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO outbox (seq) VALUES ($1)")
+        .bind(slow_seq)
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+
+    // A later seq commits first and is projected...
+    let later = stack.post(&rec("w", 1)).await;
+    let later_seq = later["seq"].as_i64().unwrap();
+    assert!(later_seq > slow_seq);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = stack
+            .get(&format!("/data/{}", later["id"].as_str().unwrap()))
+            .await;
+        if res.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...but the watermark must not pass the uncommitted one.
+    let res = stack
+        .get(&format!(
+            "/data/{}?min_seq={later_seq}",
+            later["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(
+        res.status(),
+        503,
+        "min_seq must wait for the older, uncommitted seq"
+    );
+    assert!(res.headers().contains_key("retry-after"));
+    let wm: i64 = res.headers()["x-projection-seq"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        wm < slow_seq,
+        "watermark {wm} passed uncommitted seq {slow_seq}"
+    );
+
+    slow.commit().await.unwrap();
+    stack.wait_visible(later_seq, Duration::from_secs(10)).await;
+    assert_eq!(
+        stack
+            .get(&format!("/data/{slow_id}?min_seq={slow_seq}"))
+            .await
+            .status(),
+        200
+    );
+
+    // A rolled-back transaction leaves a gap that never fills: not a blocker.
+    let mut gone = stack.write_db.begin().await.unwrap();
+    let gap: i64 = sqlx::query_scalar(
+        "INSERT INTO records (id, kind, payload, created_at) VALUES ($1, 'gone', '{}', now()) RETURNING seq",
+    )
+    .bind(Uuid::now_v7())
+    .fetch_one(&mut *gone)
+    .await
+    .unwrap();
+    gone.rollback().await.unwrap();
+    let after = stack.post(&rec("w", 2)).await;
+    assert!(after["seq"].as_i64().unwrap() > gap);
+    stack
+        .wait_visible(after["seq"].as_i64().unwrap(), Duration::from_secs(10))
+        .await;
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn records_the_broker_never_delivered_are_caught_up_from_the_write_log() {
+    let stack = Stack::start().await;
+    // Committed without an outbox row: no message will ever carry them.
+    let mut ids = Vec::new();
+    let mut max_seq = 0;
+    for i in 0..30 {
+        let id = Uuid::now_v7();
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO records (id, kind, key, payload, created_at) VALUES ($1, 'lost', $2, '{\"n\": 1}', now()) RETURNING seq",
+        )
+        .bind(id)
+        .bind(format!("k{i}"))
+        .fetch_one(&stack.write_db)
+        .await
+        .unwrap();
+        ids.push(id);
+        max_seq = max_seq.max(seq);
+    }
+    stack.wait_visible(max_seq, Duration::from_secs(15)).await;
+    for id in ids {
+        let res = stack.get(&format!("/data/{id}")).await;
+        assert_eq!(res.status(), 200);
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["kind"], "lost");
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn projector_killed_mid_stream_loses_and_duplicates_nothing() {
+    let mut stack = Stack::start_with(Stack::settings().await, true).await;
+    let writer = {
+        let http = stack.http.clone();
+        let url = format!("{}/data/batch", stack.cmd);
+        tokio::spawn(async move {
+            let mut last = 0i64;
+            for round in 0..40 {
+                let items: Vec<Value> = (0..10).map(|i| rec("kill", round * 10 + i)).collect();
+                let res = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(Value::Array(items).to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 201);
+                let body: Value = res.json().await.unwrap();
+                last = body["items"][9]["seq"].as_i64().unwrap();
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            last
+        })
+    };
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stack.kill_projector().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stack.start_projector(true).await;
+    }
+    let last = writer.await.unwrap();
+    stack.wait_visible(last, Duration::from_secs(30)).await;
+    let written = stack.count(&stack.write_db, "records").await;
+    let read = stack.count(&stack.read_db, "records").await;
+    assert_eq!(written, 400);
+    assert_eq!(read, written, "every record projected exactly once");
+    let mismatched: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM records WHERE doc::json->>'id' <> id::text")
+            .fetch_one(&stack.read_db)
+            .await
+            .unwrap();
+    assert_eq!(mismatched, 0);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_flushed_cache_refills_and_reads_stay_correct() {
+    let stack = Stack::start().await;
+    let items: Vec<Value> = (0..20).map(|i| rec("cache", i)).collect();
+    let created = stack.post_batch(&items).await;
+    stack
+        .wait_visible(
+            created[19]["seq"].as_i64().unwrap(),
+            Duration::from_secs(10),
+        )
+        .await;
+    for r in &created {
+        let url = format!("/data/{}", r["id"].as_str().unwrap());
+        while stack.get(&url).await.headers()["x-cache"] != "hit" {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    stack.flush_redis().await;
+    for r in &created {
+        let url = format!("/data/{}", r["id"].as_str().unwrap());
+        let res = stack.get(&url).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-cache"], "miss");
+        assert_eq!(res.json::<Value>().await.unwrap(), *r);
+        let again = stack.get(&url).await;
+        assert_eq!(again.headers()["x-cache"], "hit", "refilled");
+        assert_eq!(again.json::<Value>().await.unwrap(), *r);
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_misses_for_one_id_read_the_database_once() {
+    let stack = Stack::start().await;
+    let r = stack.post(&rec("sf", 0)).await;
+    stack
+        .wait_visible(r["seq"].as_i64().unwrap(), Duration::from_secs(10))
+        .await;
+    let url = format!("/data/{}", r["id"].as_str().unwrap());
+    // The projector caches after the read model: wait for its write, then flush.
+    while stack.get(&url).await.headers()["x-cache"] != "hit" {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stack.flush_redis().await;
+    let reads = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("query_replica_reads_total{op=\"get\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = reads(&stack.get("/metrics").await.text().await.unwrap());
+    let answers = futures_util::future::join_all((0..40).map(|_| stack.get(&url))).await;
+    for a in answers {
+        assert_eq!(a.status(), 200);
+    }
+    let after = reads(&stack.get("/metrics").await.text().await.unwrap());
+    // One leader per wave of concurrent misses; far fewer than 40.
+    assert!(
+        after - before <= 3,
+        "{} database reads for 40 concurrent misses",
+        after - before
+    );
+    assert!(after > before, "the misses went to the database");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn rebuild_reproduces_the_read_model_exactly() {
+    let stack = Stack::start().await;
+    let items: Vec<Value> = (0..300).map(|i| rec("rb", i)).collect();
+    let created = stack.post_batch(&items).await;
+    stack
+        .wait_visible(
+            created[299]["seq"].as_i64().unwrap(),
+            Duration::from_secs(10),
+        )
+        .await;
+    let snapshot = |db: sqlx::PgPool| async move {
+        sqlx::query_as::<_, (i64, Uuid, String, Option<String>, String)>(
+            "SELECT seq, id, kind, key, doc FROM records ORDER BY seq",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap()
+    };
+    let before = snapshot(stack.read_db.clone()).await;
+    assert_eq!(before.len(), 300);
+    // Readers keep being served during the rebuild.
+    let reader = {
+        let http = stack.http.clone();
+        let url = format!("{}/data?limit=50", stack.query);
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in 0..50 {
+                if http
+                    .get(&url)
+                    .send()
+                    .await
+                    .map(|r| r.status() == 200)
+                    .unwrap_or(false)
+                {
+                    ok += 1;
+                }
+            }
+            ok
+        })
+    };
+    projector::rebuild::run(&stack.settings)
+        .await
+        .expect("rebuild");
+    assert_eq!(reader.await.unwrap(), 50);
+    let after = snapshot(stack.read_db.clone()).await;
+    assert_eq!(before, after);
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname FROM pg_indexes WHERE tablename = 'records' ORDER BY 1",
+    )
+    .fetch_all(&stack.read_db)
+    .await
+    .unwrap();
+    assert_eq!(
+        indexes,
+        [
+            "records_id_key",
+            "records_key_seq",
+            "records_kind_key_seq",
+            "records_kind_seq",
+            "records_pkey"
+        ]
+    );
+    // Still projecting into the rebuilt table.
+    let r = stack.post(&rec("rb", 999)).await;
+    stack
+        .wait_visible(r["seq"].as_i64().unwrap(), Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        stack
+            .get(&format!("/data/{}", r["id"].as_str().unwrap()))
+            .await
+            .status(),
+        200
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn redis_down_falls_back_to_replicas_and_both_down_is_503() {
+    let settings = Stack::settings().await;
+    let redis_proxy =
+        TcpProxy::start(shared::testkit::socket_addr(&settings.redis_url).await).await;
+    let pg_proxy =
+        TcpProxy::start(shared::testkit::socket_addr(settings.read_primary_url()).await).await;
+    let mut query_settings = settings.clone();
+    query_settings.redis_url = redis_proxy.url(&settings.redis_url);
+    query_settings.read_database_urls = vec![pg_proxy.url(settings.read_primary_url())];
+    let stack = Stack::start_custom(settings, query_settings, false).await;
+    let r = stack.post(&rec("down", 0)).await;
+    let url = format!("/data/{}", r["id"].as_str().unwrap());
+    stack
+        .wait_visible(r["seq"].as_i64().unwrap(), Duration::from_secs(10))
+        .await;
+
+    for mode in [ProxyMode::Reset, ProxyMode::BlackHole] {
+        redis_proxy.set_mode(mode);
+        for _ in 0..10 {
+            let started = Instant::now();
+            let res = stack.get(&url).await;
+            assert_eq!(res.status(), 200, "{mode:?}");
+            assert_eq!(res.headers()["x-cache"], "miss");
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "{mode:?}: {:?}",
+                started.elapsed()
+            );
+            assert_eq!(res.json::<Value>().await.unwrap(), r);
+        }
+        assert_eq!(stack.get("/data?limit=5").await.status(), 200);
+    }
+    // Slow Redis (2 s per answer): still answered from the replicas quickly.
+    redis_proxy.set_delay(Duration::from_secs(2));
+    let started = Instant::now();
+    assert_eq!(stack.get(&url).await.status(), 200);
+    assert!(started.elapsed() < Duration::from_millis(500));
+
+    redis_proxy.set_mode(ProxyMode::Reset);
+    pg_proxy.set_mode(ProxyMode::Reset);
+    let started = Instant::now();
+    let res = stack.get(&url).await;
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().contains_key("retry-after"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(stack.get("/readyz").await.status(), 503);
+
+    redis_proxy.set_mode(ProxyMode::Pass);
+    pg_proxy.set_mode(ProxyMode::Pass);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stack.get(&url).await.status() != 200 {
+        assert!(Instant::now() < deadline, "did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn query_ops_endpoints() {
+    let stack = Stack::start().await;
+    assert_eq!(stack.get("/healthz").await.status(), 200);
+    assert_eq!(stack.get("/readyz").await.status(), 200);
+    let doc: Value = stack.get("/openapi.json").await.json().await.unwrap();
+    assert!(doc["paths"]["/data/{id}"]["get"].is_object());
+    assert!(doc["paths"]["/data"]["get"].is_object());
+    let metrics = stack.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("http_requests_total"));
+    stack.stop().await;
+}
