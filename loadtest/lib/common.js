@@ -1,0 +1,383 @@
+// Shared configuration and helpers for the k6 scenarios in loadtest/.
+//
+// Everything is configured from environment variables (k6 -e NAME=value or the
+// process environment); see loadtest/README.md for the full list.
+import http from 'k6/http';
+import exec from 'k6/execution';
+
+// ---------------------------------------------------------------- env helpers
+
+export function env(name, def) {
+  const v = __ENV[name];
+  return v === undefined || v === '' ? def : v;
+}
+
+export function num(name, def) {
+  const v = env(name, undefined);
+  if (v === undefined) return def;
+  const n = Number(v);
+  if (!Number.isFinite(n)) throw new Error(`${name}=${v} is not a number`);
+  return n;
+}
+
+export function flag(name, def = false) {
+  const v = env(name, undefined);
+  if (v === undefined) return def;
+  return !['0', 'false', 'no', 'off', ''].includes(String(v).toLowerCase());
+}
+
+const strip = (u) => String(u).replace(/\/+$/, '');
+
+// ---------------------------------------------------------------- endpoints
+
+// FLOOR=1: the target is the static nginx floor (loadtest/floor): statuses are
+// the floor's (201 for POSTs, 200 otherwise) and contract-only checks are skipped.
+export const FLOOR = flag('FLOOR');
+export const FLOOR_URL = `http://127.0.0.1:${num('FLOOR_PORT', 8099)}`;
+// GATEWAY=1: one URL (BASE_URL, else GATEWAY_URL, else :8000) for reads and writes.
+export const GATEWAY = flag('GATEWAY');
+
+const BASE =
+  env('BASE_URL', undefined) ||
+  (GATEWAY ? env('GATEWAY_URL', 'http://127.0.0.1:8000') : undefined) ||
+  (FLOOR ? FLOOR_URL : undefined);
+
+export const CMD_URL = strip(BASE || env('CMD_URL', 'http://127.0.0.1:8080'));
+export const QUERY_URL = strip(BASE || env('QUERY_URL', 'http://127.0.0.1:8081'));
+export const PROJECTOR_URL = strip(env('PROJECTOR_URL', 'http://127.0.0.1:8082'));
+
+// ---------------------------------------------------------------- load shape
+
+export const TARGETS = flag('TARGETS');
+
+// DURATION (k6 syntax: 30s, 5m, 1h), with a per-scenario default.
+export function dur(def = '30s') {
+  return env('DURATION', def);
+}
+
+// Duration and VU pool of a constant-arrival-rate scenario. PRE_VUS/MAX_VUS
+// default to what the rate needs at a few ms per request, with headroom.
+export function arrival(rate, execName, extra = {}) {
+  const r = Math.max(1, Math.round(rate));
+  const pre = num('PRE_VUS', Math.max(5, Math.ceil(r / 100)));
+  const max = num('MAX_VUS', Math.max(pre, 50, Math.ceil(r / 20)));
+  return Object.assign(
+    {
+      executor: 'constant-arrival-rate',
+      exec: execName,
+      rate: r,
+      timeUnit: '1s',
+      duration: dur(),
+      preAllocatedVUs: Math.min(pre, max),
+      maxVUs: max,
+      gracefulStop: env('GRACEFUL_STOP', '5s'),
+    },
+    extra,
+  );
+}
+
+// Options shared by every scenario. `eps` lists the endpoint tags (`ep`) the
+// scenario uses so each gets its own line in the summary (and in report.md);
+// `targets` is an object of extra thresholds applied only with TARGETS=1.
+//
+// Thresholds:
+//   - contract (always): http_req_duration p(99)<500 overall and per ep,
+//     http_req_failed rate<1%.
+//   - targets (TARGETS=1): keyed by the `target` tag, e.g.
+//     'http_req_duration{target:write}': ['p(99)<15'], so they are reported
+//     apart from the contract lines.
+export function baseOptions(scenarios, eps, targets = {}, extraThresholds = {}) {
+  const thresholds = {
+    http_req_duration: ['p(99)<500'],
+    http_req_failed: ['rate<0.01'],
+  };
+  for (const ep of eps) thresholds[`http_req_duration{ep:${ep}}`] = ['p(99)<500'];
+  Object.assign(thresholds, extraThresholds);
+  if (TARGETS) {
+    for (const [k, v] of Object.entries(targets)) {
+      thresholds[k] = (thresholds[k] || []).concat(v);
+    }
+  }
+  return {
+    scenarios,
+    thresholds,
+    discardResponseBodies: true, // requests that need the body ask for it
+    summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'p(99.9)', 'max', 'count'],
+    // Few, low-cardinality tags: cheaper for k6 and smaller raw output.
+    systemTags: ['status', 'method', 'name', 'scenario', 'group', 'expected_response', 'error_code', 'check'],
+    setupTimeout: env('SETUP_TIMEOUT', '180s'),
+    userAgent: 'cqrs-loadtest/k6',
+    insecureSkipTLSVerify: flag('INSECURE'),
+    noConnectionReuse: false,
+  };
+}
+
+// A target threshold on http_req_duration for requests tagged target:<name>.
+// TARGET_P99_MS overrides the value (useful when running off the target rate).
+export function p99Target(name, ms) {
+  return { [`http_req_duration{target:${name}}`]: [`p(99)<${num('TARGET_P99_MS', ms)}`] };
+}
+
+// At most 1% of the planned iterations may be dropped (k6 had no free VU):
+// otherwise the rate was not achieved. Applied with TARGETS=1.
+export function droppedTarget(ratePerSec, duration = dur()) {
+  const planned = ratePerSec * parseDuration(duration);
+  return { dropped_iterations: [`count<=${Math.max(1, Math.floor(planned * 0.01))}`] };
+}
+
+export function parseDuration(s) {
+  // k6 style: 90s, 5m, 1h30m, 1m30s, 500ms
+  let total = 0;
+  const re = /(\d+(?:\.\d+)?)(ms|h|m|s)/g;
+  let m;
+  let matched = false;
+  while ((m = re.exec(String(s))) !== null) {
+    matched = true;
+    const v = Number(m[1]);
+    total += m[2] === 'h' ? v * 3600 : m[2] === 'm' ? v * 60 : m[2] === 's' ? v : v / 1000;
+  }
+  if (!matched) total = Number(s) || 0;
+  return total;
+}
+
+// ---------------------------------------------------------------- HTTP helpers
+
+const TOKEN = env('TOKEN', '');
+const AUTH = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
+
+export const JSON_HEADERS = Object.assign({ 'Content-Type': 'application/json' }, AUTH);
+export const GET_HEADERS = Object.assign({ Accept: 'application/json' }, AUTH);
+export function headers(extra = {}) {
+  return Object.assign({}, JSON_HEADERS, extra);
+}
+
+export const ok200or404 = http.expectedStatuses(200, 404);
+
+// POST /data with one record object. `opts.body` keeps the answer (for id/seq).
+export function postRecord(rec, tags, opts = {}) {
+  const params = { headers: opts.headers || JSON_HEADERS, tags: Object.assign({ name: 'POST /data' }, tags) };
+  if (opts.body) params.responseType = 'text';
+  if (opts.responseCallback) params.responseCallback = opts.responseCallback;
+  return http.post(`${CMD_URL}/data`, typeof rec === 'string' ? rec : JSON.stringify(rec), params);
+}
+
+export function getById(id, tags, opts = {}) {
+  const q = opts.minSeq !== undefined ? `?min_seq=${opts.minSeq}` : '';
+  const params = { headers: GET_HEADERS, tags: Object.assign({ name: 'GET /data/{id}' }, tags) };
+  if (opts.body) params.responseType = 'text';
+  if (opts.responseCallback) params.responseCallback = opts.responseCallback;
+  return http.get(`${QUERY_URL}/data/${id}${q}`, params);
+}
+
+export function listQuery(q) {
+  const parts = [];
+  for (const [k, v] of Object.entries(q)) {
+    if (v !== undefined && v !== null && v !== '') parts.push(`${k}=${encodeURIComponent(v)}`);
+  }
+  return parts.length ? `?${parts.join('&')}` : '';
+}
+
+export function getList(q, tags, opts = {}) {
+  const params = { headers: GET_HEADERS, tags: Object.assign({ name: 'GET /data' }, tags) };
+  if (opts.body) params.responseType = 'text';
+  if (opts.responseCallback) params.responseCallback = opts.responseCallback;
+  return http.get(`${QUERY_URL}/data${listQuery(q)}`, params);
+}
+
+// gjson selector on a text body; undefined when the body is not JSON.
+export function jget(res, sel) {
+  try {
+    return res.json(sel);
+  } catch (e) {
+    return undefined;
+  }
+}
+
+// ---------------------------------------------------------------- payloads
+
+// PAYLOAD_BYTES: size of the serialized payload object, "N" or "MIN-MAX"
+// (uniform). Default 256. The floor's bodies use the same generator shape
+// (loadtest/floor/gen.py).
+function parseRange(s) {
+  const m = String(s).match(/^(\d+)(?:-(\d+))?$/);
+  if (!m) throw new Error(`PAYLOAD_BYTES=${s}: expected N or MIN-MAX`);
+  const lo = Number(m[1]);
+  const hi = m[2] ? Number(m[2]) : lo;
+  return [Math.min(lo, hi), Math.max(lo, hi)];
+}
+export const PAYLOAD_RANGE = parseRange(env('PAYLOAD_BYTES', '256'));
+export const KINDS = env('KINDS', 'order,invoice,shipment,customer,event')
+  .split(',')
+  .map((s) => s.trim())
+  .filter(Boolean);
+
+const ALPHA = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789';
+function randomString(n) {
+  let s = '';
+  for (let i = 0; i < n; i++) s += ALPHA[(Math.random() * ALPHA.length) | 0];
+  return s;
+}
+// One random filler per VU (built at init); payloads slice it at a random
+// offset, so generating a payload costs almost nothing.
+const FILLER_LEN = Math.max(4096, PAYLOAD_RANGE[1] * 2);
+const FILLER = randomString(FILLER_LEN);
+
+export function randInt(n) {
+  return Math.floor(Math.random() * n);
+}
+export function pick(arr) {
+  return arr[randInt(arr.length)];
+}
+
+// {"v":1,"n":<9 digits>,"ts":<13 digits>,"data":"..."} of ~`bytes` characters.
+const PAYLOAD_OVERHEAD = '{"v":1,"n":123456789,"ts":1732240000000,"data":""}'.length;
+export function makePayload(bytes) {
+  const [lo, hi] = PAYLOAD_RANGE;
+  const size = bytes !== undefined ? bytes : lo + randInt(hi - lo + 1);
+  const n = Math.max(0, size - PAYLOAD_OVERHEAD);
+  const off = randInt(FILLER_LEN - n + 1);
+  return { v: 1, n: 100000000 + randInt(900000000), ts: Date.now(), data: FILLER.substr(off, n) };
+}
+
+export function makeRecord(kind) {
+  return {
+    kind: kind || pick(KINDS),
+    key: `k-${randInt(1e9)}`,
+    payload: makePayload(),
+  };
+}
+
+// ---------------------------------------------------------------- id pool
+
+// Pages through GET /data?limit=1000 (newest first) until `want` distinct ids
+// (ID_POOL, default 20000) or the end. Runs in setup(); its requests are tagged
+// ep:setup so they stay out of the measured figures.
+export function fetchIdPool(want) {
+  const ids = [];
+  const seen = {};
+  const kinds = {};
+  let cursor;
+  let pages = 0;
+  const t0 = Date.now();
+  while (ids.length < want) {
+    const q = { limit: Math.min(1000, Math.max(1, want - ids.length)) };
+    if (cursor) q.cursor = cursor;
+    const res = getList(q, { ep: 'setup' }, { body: true });
+    pages++;
+    if (res.status !== 200) {
+      console.warn(`id pool: GET /data${listQuery(q)} answered ${res.status}; stopping with ${ids.length} ids`);
+      break;
+    }
+    const page = jget(res, 'items.#.id') || [];
+    const pageKinds = jget(res, 'items.#.kind') || [];
+    let added = 0;
+    for (const id of page) {
+      if (typeof id === 'string' && !seen[id]) {
+        seen[id] = true;
+        ids.push(id);
+        added++;
+      }
+    }
+    for (const k of pageKinds) if (typeof k === 'string') kinds[k] = true;
+    cursor = jget(res, 'next_cursor');
+    if (!cursor || added === 0) break; // end of data (or the floor's static page)
+  }
+  console.log(`id pool: ${ids.length} ids from ${pages} pages in ${Date.now() - t0} ms`);
+  return { ids, kinds: Object.keys(kinds) };
+}
+
+export function requirePool(pool, what) {
+  if (pool.ids.length === 0 && !FLOOR) {
+    exec.test.abort(
+      `${what}: GET ${QUERY_URL}/data returned no records; seed first ` +
+        '(target/release/projector seed --count N) or point QUERY_URL/BASE_URL at a loaded stack',
+    );
+  }
+  if (pool.ids.length === 0) pool.ids.push('00000000-0000-7000-8000-000000000000');
+  return pool;
+}
+
+// ---------------------------------------------------------------- summary
+
+function fmtVal(contains, v) {
+  if (v === undefined || v === null) return '-';
+  if (contains === 'time') {
+    if (v >= 1000) return `${(v / 1000).toFixed(2)}s`;
+    if (v >= 1) return `${v.toFixed(2)}ms`;
+    return `${(v * 1000).toFixed(0)}µs`;
+  }
+  if (contains === 'data') {
+    if (v >= 1 << 20) return `${(v / (1 << 20)).toFixed(1)} MiB`;
+    if (v >= 1 << 10) return `${(v / (1 << 10)).toFixed(1)} KiB`;
+    return `${v} B`;
+  }
+  return Number.isInteger(v) ? String(v) : v.toFixed(2);
+}
+
+// A compact text summary (k6's own is replaced when handleSummary is defined,
+// and the jslib textSummary needs network access).
+export function textSummary(name, data) {
+  const lines = [];
+  const st = data.state || {};
+  lines.push('');
+  lines.push(`=== ${name}  (${(st.testRunDurationMs / 1000 || 0).toFixed(1)}s)  cmd=${CMD_URL}  query=${QUERY_URL}${FLOOR ? '  [FLOOR]' : ''}${TARGETS ? '  [TARGETS]' : ''}`);
+  const names = Object.keys(data.metrics).sort();
+  let failed = 0;
+  for (const m of names) {
+    const mt = data.metrics[m];
+    const v = mt.values || {};
+    let desc;
+    if (mt.type === 'trend') {
+      if (!v.count && m.indexOf('{') < 0 && v.max === 0) continue;
+      desc = `count=${v.count ?? '-'} avg=${fmtVal(mt.contains, v.avg)} p50=${fmtVal(mt.contains, v.med)} p95=${fmtVal(mt.contains, v['p(95)'])} p99=${fmtVal(mt.contains, v['p(99)'])} max=${fmtVal(mt.contains, v.max)}`;
+    } else if (mt.type === 'counter') {
+      desc = `count=${fmtVal(mt.contains, v.count)} rate=${fmtVal('', v.rate)}/s`;
+    } else if (mt.type === 'rate') {
+      desc = `${(100 * (v.rate || 0)).toFixed(2)}% (${v.passes || 0} of ${(v.passes || 0) + (v.fails || 0)})`;
+    } else {
+      desc = `value=${fmtVal(mt.contains, v.value)} min=${fmtVal(mt.contains, v.min)} max=${fmtVal(mt.contains, v.max)}`;
+    }
+    lines.push(`  ${m.padEnd(48)} ${desc}`);
+    for (const [expr, res] of Object.entries(mt.thresholds || {})) {
+      if (!res.ok) failed++;
+      lines.push(`    ${res.ok ? 'PASS' : 'FAIL'}  ${expr}`);
+    }
+  }
+  const checks = [];
+  const walk = (g) => {
+    for (const c of g.checks || []) checks.push(c);
+    for (const sub of g.groups || []) walk(sub);
+  };
+  if (data.root_group) walk(data.root_group);
+  for (const c of checks) {
+    if (c.fails > 0) lines.push(`  check FAIL  ${c.name}: ${c.fails} of ${c.passes + c.fails} failed`);
+  }
+  lines.push(`  thresholds: ${failed === 0 ? 'all passed' : `${failed} FAILED`}`);
+  lines.push('');
+  return lines.join('\n');
+}
+
+// handleSummary helper (SCENARIO_NAME overrides the name): JSON to SUMMARY_PATH (default
+// loadtest/results/<name>.json, relative to the working directory) plus the
+// text summary to stdout. The JSON gets a `config` member describing the run.
+export function summary(name, data, config = {}) {
+  name = env('SCENARIO_NAME', name); // e.g. read_id_6k when run at another rate
+  const path = env('SUMMARY_PATH', `loadtest/results/${name}.json`);
+  data.config = Object.assign(
+    {
+      scenario: name,
+      cmd_url: CMD_URL,
+      query_url: QUERY_URL,
+      floor: FLOOR,
+      gateway: GATEWAY,
+      targets: TARGETS,
+      duration: dur(),
+      payload_bytes: env('PAYLOAD_BYTES', '256'),
+      label: env('LABEL', ''),
+    },
+    config,
+  );
+  const out = { stdout: textSummary(name, data) };
+  out[path] = JSON.stringify(data, null, 1);
+  return out;
+}

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Sample CPU and memory of the stack's processes once a second into a CSV.
+
+  procsample.py OUT.csv [--interval 1.0] [--names command-api,query-api,...]
+
+Runs until SIGTERM/SIGINT. Processes are grouped by name (the kernel's comm,
+or argv[0]'s basename): all postgres backends count as "postgres", beam.smp is
+RabbitMQ, nginx started with the floor's config is "nginx-floor". Per sample and group: number of processes, CPU% over the interval
+(100 = one core busy; summed over the group), RSS (summed, MiB) and PSS (MiB;
+shared pages divided among their users, so postgres' shared buffers are not
+counted once per backend; from /proc/PID/smaps_rollup when readable). A
+"_machine" row gives the whole machine's CPU% (of 100 * cores) and used memory.
+"""
+import argparse
+import os
+import signal
+import sys
+import time
+
+DEFAULT = "command-api,query-api,projector,postgres,redis-server,beam.smp,k6,nginx"
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+NCPU = os.cpu_count() or 1
+
+
+def proc_name(pid):
+    try:
+        with open("/proc/%s/comm" % pid) as f:
+            comm = f.read().strip()
+    except OSError:
+        return None
+    if len(comm) < 15:
+        return comm
+    # comm is cut at 15 characters: use argv[0]
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
+        return os.path.basename(argv0) or comm
+    except OSError:
+        return comm
+
+
+def cmdline(pid):
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def ppid(pid):
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            s = f.read()
+        return s[s.rindex(")") + 2:].split()[1]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def classify(pid, nm, cache):
+    """nginx serving the floor (a master started with the floor's config, and
+    its workers) is reported as nginx-floor, apart from the gateway's nginx."""
+    if nm != "nginx":
+        return nm
+    if pid not in cache:
+        master = pid
+        cl = cmdline(pid)
+        if "master process" not in cl and "-c" not in cl:
+            master = ppid(pid) or pid
+            cl = cmdline(master)
+        cache[pid] = "nginx-floor" if "floor" in cl else "nginx"
+    return cache[pid]
+
+
+def cpu_ticks(pid):
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            s = f.read()
+        rest = s[s.rindex(")") + 2:].split()
+        return int(rest[11]) + int(rest[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def mem(pid):
+    rss = pss = None
+    try:
+        with open("/proc/%s/statm" % pid) as f:
+            rss = int(f.read().split()[1]) * PAGE
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/proc/%s/smaps_rollup" % pid) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return rss, pss
+
+
+def machine():
+    with open("/proc/stat") as f:
+        p = f.readline().split()[1:]
+    vals = list(map(int, p))
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    total = sum(vals[:8])
+    mi = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            mi[k] = int(v.split()[0]) * 1024
+    used = mi.get("MemTotal", 0) - mi.get("MemAvailable", 0)
+    return total, idle, used
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--names", default=os.environ.get("SAMPLE_NAMES", DEFAULT))
+    a = ap.parse_args()
+    names = [n for n in a.names.split(",") if n]
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+
+    prev = {}  # pid -> ticks
+    kinds = {}  # pid -> nginx / nginx-floor
+    ptot, pidle, _ = machine()
+    pt = time.monotonic()
+    out = open(a.out, "w", buffering=1)
+    out.write("ts,proc,n,cpu_pct,rss_mb,pss_mb\n")
+    while not stop:
+        time.sleep(a.interval)
+        now = time.monotonic()
+        dt = max(1e-6, now - pt)
+        pt = now
+        ts = "%.3f" % time.time()
+        groups = {n: [0, 0.0, 0, 0, False] for n in names}  # n, cpu_s, rss, pss, pss_known
+        if "nginx" in groups:
+            groups["nginx-floor"] = [0, 0.0, 0, 0, False]
+        cur = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            nm = proc_name(d)
+            if nm not in groups:
+                continue
+            nm = classify(d, nm, kinds)
+            t = cpu_ticks(d)
+            if t is None:
+                continue
+            cur[d] = t
+            g = groups[nm]
+            g[0] += 1
+            if d in prev:
+                g[1] += (t - prev[d]) / TICK
+            rss, pss = mem(d)
+            g[2] += rss or 0
+            if pss is not None:
+                g[3] += pss
+                g[4] = True
+        prev = cur
+        for nm, g in groups.items():
+            if g[0] == 0:
+                continue
+            out.write("%s,%s,%d,%.1f,%.1f,%s\n" % (
+                ts, nm, g[0], 100.0 * g[1] / dt, g[2] / 2**20, ("%.1f" % (g[3] / 2**20)) if g[4] else ""))
+        tot, idle, used = machine()
+        dtot = max(1, tot - ptot)
+        busy = 100.0 * NCPU * (1 - (idle - pidle) / dtot)
+        ptot, pidle = tot, idle
+        out.write("%s,_machine,%d,%.1f,%.1f,\n" % (ts, NCPU, busy, used / 2**20))
+    out.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,653 @@
+#!/usr/bin/env python3
+"""Turn a bench result directory into report.md, per-scenario PNG plots and
+figures.json; or compare two of them.
+
+  report.py DIR [--floor-from DIR2]         # DIR/report.md, DIR/<scenario>.png, DIR/figures.json
+  report.py --compare SMALL LARGE --out DIR # DIR/compare.md, DIR/compare.json (and prints it)
+
+DIR holds what loadtest/bench.sh writes per scenario <name>:
+  <name>.json / <name>.floor.json          k6 summaries (handleSummary)
+  <name>.meta.json / <name>.floor.meta.json  rate, duration, start/end, exit code
+  <name>.csv.gz / <name>.floor.csv.gz      k6 raw samples (--out csv), optional
+  <name>.procs.csv / <name>.floor.procs.csv  CPU/memory samples (procsample.py)
+  env.json, scale.json, seed.log
+matplotlib is installed with pip when missing.
+"""
+import argparse
+import csv
+import glob
+import gzip
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections import defaultdict
+
+ORDER = ["read_id", "read_id_6k", "list", "freshness", "mixed", "write", "batch", "soak", "smoke"]
+
+# Per scenario: the figures shown (label, k6 metric key, raw-sample selector)
+# and the target (issue 4). Raw selector: (metric_name, ep tag or None).
+FIGS = {
+    "read_id": [("GET /data/{id}", "http_req_duration{ep:read_id}", ("http_req_duration", "read_id"))],
+    "read_id_6k": [("GET /data/{id}", "http_req_duration{ep:read_id}", ("http_req_duration", "read_id"))],
+    "list": [("GET /data", "http_req_duration{ep:list}", ("http_req_duration", "list"))],
+    "write": [("POST /data", "http_req_duration{ep:write}", ("http_req_duration", "write"))],
+    "batch": [("POST /data/batch", "http_req_duration{ep:batch}", ("http_req_duration", "batch"))],
+    "freshness": [
+        ("write→visible (poll)", "write_to_visible_ms", ("write_to_visible_ms", None)),
+        ("write→visible (min_seq)", "write_to_visible_min_seq_ms", ("write_to_visible_min_seq_ms", None)),
+        ("POST /data (background)", "http_req_duration{ep:write}", ("http_req_duration", "write")),
+        ("GET /data/{id} (poll)", "http_req_duration{ep:poll}", ("http_req_duration", "poll")),
+    ],
+    "mixed": [
+        ("GET /data/{id}", "http_req_duration{ep:read_id}", ("http_req_duration", "read_id")),
+        ("GET /data", "http_req_duration{ep:list}", ("http_req_duration", "list")),
+        ("POST /data", "http_req_duration{ep:write}", ("http_req_duration", "write")),
+    ],
+    "smoke": [("all requests", "http_req_duration", ("http_req_duration", None))],
+}
+FIGS["soak"] = FIGS["mixed"]
+
+# Endpoint tags whose requests make up the scenario's rate (setup excluded).
+RATE_EPS = {
+    "read_id": ["read_id"], "read_id_6k": ["read_id"], "list": ["list"], "write": ["write"],
+    "batch": ["batch"], "freshness": ["write", "probe_write"], "mixed": ["read_id", "list", "write"],
+    "soak": ["read_id", "list", "write"], "smoke": None,
+}
+
+# Targets: figure label -> p99 ms (None: contract only), plus special ones.
+TARGETS = {
+    "read_id": {"GET /data/{id}": 10},
+    "read_id_6k": {"GET /data/{id}": 50},
+    "list": {"GET /data": 10},
+    "write": {"POST /data": 15},
+    "freshness": {"write→visible (poll)": 50},
+    "batch": {},
+    "mixed": {},
+    "soak": {},
+}
+TARGET_TEXT = {
+    "read_id": "GET /data/{id} p99 ≤ 10 ms at 3,000/s",
+    "read_id_6k": "GET /data/{id} p99 ≤ 50 ms at 6,000/s",
+    "list": "GET /data (limit 50) p99 ≤ 10 ms at 1,000/s",
+    "write": "POST /data p99 ≤ 15 ms at 1,500/s",
+    "batch": "≥ 100,000 records/s ingested",
+    "freshness": "write→visible p99 ≤ 50 ms under 1,000 writes/s",
+    "mixed": "contract: p99 < 500 ms",
+    "soak": "p99 drift ≤ 10% over the soak",
+    "smoke": "every contract check passes",
+}
+CONTRACT_MS = 500
+RECORDS_PER_S = 100000
+PROCS = ["command-api", "query-api", "projector", "postgres", "redis-server", "beam.smp", "nginx", "k6", "nginx-floor", "_machine"]
+
+
+def ensure_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("report: installing matplotlib with pip", file=sys.stderr)
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "matplotlib"])
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ------------------------------------------------------------------ helpers
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def parse_duration(s):
+    total, found = 0.0, False
+    for v, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", str(s)):
+        found = True
+        v = float(v)
+        total += {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[u] * v
+    return total if found else float(s or 0)
+
+
+def fmt_ms(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if v >= 1000:
+        return "%.2f s" % (v / 1000)
+    if v >= 100:
+        return "%.0f ms" % v
+    if v >= 10:
+        return "%.1f ms" % v
+    return "%.2f ms" % v
+
+
+def fmt_num(v, digits=0):
+    if v is None:
+        return "–"
+    return ("{:,.%df}" % digits).format(v)
+
+
+def metric(summary, key):
+    if not summary:
+        return None
+    m = summary.get("metrics", {}).get(key)
+    return m.get("values") if m else None
+
+
+def percentile(sorted_vals, p):
+    if not sorted_vals:
+        return float("nan")
+    k = (len(sorted_vals) - 1) * p / 100.0
+    f = math.floor(k)
+    c = min(f + 1, len(sorted_vals) - 1)
+    return sorted_vals[f] + (sorted_vals[c] - sorted_vals[f]) * (k - f)
+
+
+# ------------------------------------------------------------------ raw samples
+
+def read_raw(path, selectors):
+    """{selector: [(t_seconds, value_ms), ...]} plus status counts of http_reqs
+    per ep, from a k6 CSV (gz) output. Only the wanted metrics are parsed."""
+    out = {sel: [] for sel in selectors}
+    statuses = defaultdict(lambda: defaultdict(int))
+    req_ts = []
+    if not os.path.exists(path):
+        return None
+    names = {sel[0] for sel in selectors} | {"http_reqs"}
+    prefixes = tuple(n + "," for n in names)
+    header = None
+    with gzip.open(path, "rt", newline="") if path.endswith(".gz") else open(path, newline="") as f:
+        for line in f:
+            if header is None:
+                header = next(csv.reader([line]))
+                idx = {h: i for i, h in enumerate(header)}
+                continue
+            if not line.startswith(prefixes):
+                continue
+            row = next(csv.reader([line]))
+            name = row[0]
+            ts = float(row[idx["timestamp"]])
+            if ts > 1e11:  # unix_milli
+                ts /= 1000.0
+            tags = dict(kv.split("=", 1) for kv in row[idx["extra_tags"]].split("&") if "=" in kv) if "extra_tags" in idx else {}
+            ep = tags.get("ep")
+            if ep == "setup":
+                continue
+            if name == "http_reqs":
+                st = row[idx["status"]] if "status" in idx else "?"
+                statuses[ep or "-"][st or "err"] += 1
+                req_ts.append(ts)
+                continue
+            for sel in selectors:
+                if sel[0] == name and (sel[1] is None or sel[1] == ep):
+                    out[sel].append((ts, float(row[idx["metric_value"]])))
+    return {"series": out, "statuses": {k: dict(v) for k, v in statuses.items()}, "req_ts": req_ts}
+
+
+def per_second(samples, t0, width=1, limit=None):
+    """p50/p99/max per bucket of `width` seconds; x = bucket start (s since t0)."""
+    buckets = defaultdict(list)
+    for t, v in samples:
+        if limit is not None and t - t0 >= limit:
+            continue  # the partial last bucket (graceful stop) would look like a drop
+        buckets[int((t - t0) // width) * width].append(v)
+    xs = sorted(buckets)
+    p50, p99, mx = [], [], []
+    for x in xs:
+        b = sorted(buckets[x])
+        p50.append(percentile(b, 50))
+        p99.append(percentile(b, 99))
+        mx.append(b[-1])
+    return xs, p50, p99, mx
+
+
+def windows_p99(samples, t0, t1, n_windows):
+    """p99 in n equal windows of [t0, t1]."""
+    if not samples or t1 <= t0:
+        return []
+    w = (t1 - t0) / n_windows
+    buckets = defaultdict(list)
+    for t, v in samples:
+        i = int((t - t0) / w)
+        if 0 <= i < n_windows:
+            buckets[i].append(v)
+    return [percentile(sorted(buckets[i]), 99) if buckets[i] else float("nan") for i in range(n_windows)]
+
+
+# ------------------------------------------------------------------ processes
+
+def read_procs(path, start=None, end=None):
+    """{proc: {cpu_avg, cpu_max, rss_max, pss_max, n}} over the run window."""
+    if not os.path.exists(path):
+        return {}
+    rows = defaultdict(list)
+    with open(path) as f:
+        r = csv.DictReader(f)
+        first_ts = None
+        for row in r:
+            ts = float(row["ts"])
+            if first_ts is None:
+                first_ts = ts
+            if ts < first_ts + 0.5:  # the first sample has no CPU delta
+                continue
+            if start and ts < start + 1:
+                continue
+            if end and ts > end + 0.5:
+                continue
+            rows[row["proc"]].append(row)
+    out = {}
+    for p, rs in rows.items():
+        cpu = [float(x["cpu_pct"]) for x in rs]
+        rss = [float(x["rss_mb"]) for x in rs]
+        pss = [float(x["pss_mb"]) for x in rs if x.get("pss_mb")]
+        out[p] = {
+            "cpu_avg": sum(cpu) / len(cpu),
+            "cpu_max": max(cpu),
+            "rss_max": max(rss),
+            "pss_max": max(pss) if pss else None,
+            "n": max(int(x["n"]) for x in rs),
+        }
+    return out
+
+
+# ------------------------------------------------------------------ one scenario
+
+def scenario_names(d):
+    names = set()
+    for p in glob.glob(os.path.join(d, "*.meta.json")):
+        b = os.path.basename(p)[: -len(".meta.json")]
+        if b.endswith(".floor"):
+            b = b[: -len(".floor")]
+        names.add(b)
+    for p in glob.glob(os.path.join(d, "*.json")):
+        b = os.path.basename(p)[: -len(".json")]
+        if b in FIGS:
+            names.add(b)
+    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else 99, n))
+
+
+def figures(d, name, floor_dir=None, plt=None):
+    """Everything the report says about one scenario, as a dict."""
+    summ = load_json(os.path.join(d, name + ".json"))
+    meta = load_json(os.path.join(d, name + ".meta.json")) or {}
+    fdir = floor_dir or d
+    fsumm = load_json(os.path.join(fdir, name + ".floor.json"))
+    fmeta = load_json(os.path.join(fdir, name + ".floor.meta.json")) or {}
+    cfg = (summ or {}).get("config", {})
+    rate = meta.get("rate") or cfg.get("rate")
+    dur_s = parse_duration(meta.get("duration") or cfg.get("duration") or "0")
+    res = {"name": name, "rate_target": rate, "duration_s": dur_s, "records_before": meta.get("records_before"),
+           "exit_code": meta.get("exit_code"), "missing": summ is None, "figures": [], "target_text": TARGET_TEXT.get(name, "")}
+    if summ is None:
+        return res
+
+    # achieved rate: requests of the scenario's endpoints / nominal duration
+    eps = RATE_EPS.get(name)
+    if eps:
+        cnt = sum((metric(summ, "http_req_duration{ep:%s}" % e) or {}).get("count", 0) or 0 for e in eps)
+    else:
+        cnt = (metric(summ, "http_reqs") or {}).get("count", 0)
+    res["achieved_rate"] = cnt / dur_s if dur_s else None
+    dropped = (metric(summ, "dropped_iterations") or {}).get("count", 0)
+    res["dropped"] = dropped
+    failed = metric(summ, "http_req_failed") or {}
+    res["errors"] = failed.get("passes", 0)
+    res["error_rate"] = failed.get("rate", 0.0)
+    res["requests"] = (metric(summ, "http_reqs") or {}).get("count", 0)
+    if name == "batch":
+        ri = metric(summ, "records_ingested") or {}
+        res["records_per_s"] = (ri.get("count", 0) / dur_s) if dur_s else None
+        fri = metric(fsumm, "records_ingested") or {}
+        res["floor_records_per_s"] = (fri.get("count", 0) / dur_s) if (fsumm and dur_s) else None
+    if name == "freshness":
+        res["freshness_timeouts"] = (metric(summ, "freshness_timeouts") or {}).get("count", 0)
+        res["min_seq_failures"] = (metric(summ, "min_seq_failures") or {}).get("count", 0)
+
+    # thresholds as k6 judged them (contract vs target:...)
+    th = {"contract": [], "target": []}
+    for key, m in summ.get("metrics", {}).items():
+        for expr, r in (m.get("thresholds") or {}).items():
+            kind = "target" if ("target:" in key or key == "dropped_iterations") else "contract"
+            th[kind].append({"metric": key, "expr": expr, "ok": r.get("ok")})
+    res["thresholds"] = th
+
+    for label, key, _sel in FIGS.get(name, []):
+        v = metric(summ, key)
+        if v is None or not v.get("count"):
+            continue
+        fv = metric(fsumm, key) if fsumm else None
+        tgt = TARGETS.get(name, {}).get(label)
+        f = {"label": label, "metric": key, "count": v.get("count"), "p50": v.get("med"), "p95": v.get("p(95)"),
+             "p99": v.get("p(99)"), "p999": v.get("p(99.9)"), "max": v.get("max"), "avg": v.get("avg"),
+             "floor_p50": fv.get("med") if fv else None, "floor_p99": fv.get("p(99)") if fv else None,
+             "target_p99": tgt}
+        f["contract_ok"] = v.get("p(99)", 0) < CONTRACT_MS
+        f["target_ok"] = (v.get("p(99)", 0) <= tgt) if tgt is not None else None
+        res["figures"].append(f)
+
+    # rate achieved? (99% of the target, <=1% dropped)
+    rate_ok = True
+    if rate and res.get("achieved_rate") is not None and eps:
+        rate_ok = res["achieved_rate"] >= 0.99 * rate and dropped <= 0.01 * rate * dur_s
+    res["rate_ok"] = rate_ok
+    err_ok = res["error_rate"] < 0.01
+
+    # the verdict vs the target
+    verdict = None
+    if name == "batch":
+        verdict = (res.get("records_per_s") or 0) >= RECORDS_PER_S and err_ok
+    elif TARGETS.get(name):
+        verdict = all(f["target_ok"] for f in res["figures"] if f["target_ok"] is not None) and rate_ok and err_ok
+    elif name in ("mixed",):
+        verdict = all(f["contract_ok"] for f in res["figures"]) and rate_ok and err_ok
+    elif name == "smoke":
+        verdict = res["exit_code"] == 0
+    res["verdict"] = verdict
+
+    # processes
+    res["procs"] = read_procs(os.path.join(d, name + ".procs.csv"), meta.get("start"), meta.get("end"))
+    res["floor_procs"] = read_procs(os.path.join(fdir, name + ".floor.procs.csv"), fmeta.get("start"), fmeta.get("end"))
+
+    # raw samples: plot + soak drift + statuses
+    sels = [s for _l, _k, s in FIGS.get(name, [])]
+    raw = read_raw(os.path.join(d, name + ".csv.gz"), sels)
+    fraw = read_raw(os.path.join(fdir, name + ".floor.csv.gz"), sels)
+    if raw:
+        res["statuses"] = raw["statuses"]
+    if raw and name == "soak":
+        t0 = meta.get("start") or min((t for s in raw["series"].values() for t, _ in s), default=0)
+        t1 = meta.get("end") or max((t for s in raw["series"].values() for t, _ in s), default=0)
+        n = max(2, min(10, int((t1 - t0) // 60) or 2))
+        drift = {}
+        for label, key, sel in FIGS[name]:
+            w = windows_p99(raw["series"][sel], t0, t1, n)
+            good = [x for x in w if not math.isnan(x)]
+            if len(good) >= 2 and good[0] > 0:
+                drift[label] = {"windows": w, "first": good[0], "last": good[-1], "ratio": good[-1] / good[0],
+                                "worst_ratio": max(good) / min(good) if min(good) > 0 else None}
+        res["drift"] = drift
+        res["verdict"] = bool(drift) and all(v["ratio"] <= 1.10 for v in drift.values()) and err_ok
+    if plt is not None and raw:
+        res["plot"] = plot(plt, d, name, raw, fraw, meta, fmeta, res)
+    return res
+
+
+COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+
+
+PLOT_MAX_FIGS = 3
+
+
+def first_ts(series_map, sels):
+    ts = [s[0][0] for sel in sels for s in [sorted(series_map.get(sel) or [])] if s]
+    return min(ts) if ts else None
+
+
+def plot(plt, d, name, raw, fraw, meta, fmeta, res):
+    figs = FIGS.get(name, [])[:PLOT_MAX_FIGS]
+    sels = [sel for _l, _k, sel in figs]
+    fig, ax = plt.subplots(figsize=(11, 5.2), dpi=100)
+    # time 0 = the first measured sample (after k6 start-up and setup())
+    t0 = first_ts(raw["series"], sels) or meta.get("start") or 0
+    ft0 = first_ts(fraw["series"], sels) if fraw else None
+    clip = lambda vs: [max(v, 0.01) for v in vs]  # log axis
+    # 1 s buckets up to 5 minutes, then wider (a 30 min soak: 6 s buckets)
+    width = max(1, int(round((res.get("duration_s") or 0) / 300.0)))
+    lim = (int(res["duration_s"] // width) * width) if res.get("duration_s") else None
+    any_line = False
+    for i, (label, _key, sel) in enumerate(figs):
+        c = COLORS[i % len(COLORS)]
+        xs, p50, p99, mx = per_second(raw["series"].get(sel, []), t0, width, lim)
+        if not xs:
+            continue
+        any_line = True
+        ax.plot(xs, clip(p99), color=c, lw=1.6, label="%s p99" % label)
+        ax.plot(xs, clip(p50), color=c, lw=1.0, ls=":", label="%s p50" % label)
+        if len(figs) <= 2:
+            ax.plot(xs, clip(mx), color=c, lw=0.6, alpha=0.35, label="%s max" % label)
+        if fraw and fraw["series"].get(sel) and ft0 is not None:
+            fx, _f50, f99, _fmx = per_second(fraw["series"][sel], ft0, width, lim)
+            ax.plot(fx, clip(f99), color=c, lw=1.0, ls="--", alpha=0.8, label="%s floor p99" % label)
+        tgt = TARGETS.get(name, {}).get(label)
+        if tgt:
+            ax.axhline(tgt, color=c, lw=0.8, ls="-.", alpha=0.6)
+            ax.text(0, tgt, " target %g ms" % tgt, color=c, fontsize=8, va="bottom")
+    if not any_line:
+        plt.close(fig)
+        return None
+    ax.axhline(CONTRACT_MS, color="grey", lw=0.8, ls="-.", alpha=0.5)
+    ax.text(0, CONTRACT_MS, " contract 500 ms", color="grey", fontsize=8, va="bottom")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds since the first measured request")
+    ax.set_ylabel("latency per %s bucket (ms, log)" % ("second" if width == 1 else "%d s" % width))
+    ax.set_title("%s at %s/s — target: %s" % (name, fmt_num(res.get("rate_target")), TARGET_TEXT.get(name, "")), fontsize=11)
+    ax.grid(True, which="both", alpha=0.25)
+    h2, l2 = [], []
+    if raw.get("req_ts"):
+        rps = defaultdict(int)
+        for t in raw["req_ts"]:
+            if t >= t0 and (lim is None or t - t0 < lim):
+                rps[int((t - t0) // width) * width] += 1.0 / width
+        xs = sorted(rps)
+        ax2 = ax.twinx()
+        ax2.plot(xs, [rps[x] for x in xs], color="black", lw=0.7, alpha=0.35, label="requests/s (all endpoints)")
+        ax2.set_ylabel("requests/s", color="grey")
+        ax2.set_ylim(bottom=0, top=max(rps.values()) * 1.6)
+        h2, l2 = ax2.get_legend_handles_labels()
+    h1, l1 = ax.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", ncol=2, framealpha=0.8)
+    fig.tight_layout()
+    out = os.path.join(d, name + ".png")
+    fig.savefig(out)
+    plt.close(fig)
+    return os.path.basename(out)
+
+
+# ------------------------------------------------------------------ markdown
+
+def verdict_txt(v):
+    return "–" if v is None else ("**PASS**" if v else "**FAIL**")
+
+
+def render(d, env, scale, results):
+    L = []
+    L.append("# Benchmark report")
+    L.append("")
+    if env:
+        L.append("- started %s on `%s`: %s, %s cores, %s GiB, kernel %s" % (
+            env.get("started"), env.get("host"), env.get("cpu"), env.get("cores"), env.get("mem_gib"), env.get("kernel")))
+        L.append("- %s; git %s; scenario duration %s; services %s / %s%s" % (
+            env.get("k6"), env.get("git"), env.get("duration"), env.get("cmd_url"), env.get("query_url"),
+            (" via gateway " + env["gateway"]) if env.get("gateway") else ""))
+        if env.get("busy_before_pct") is not None:
+            L.append("- machine busy before the bench: %s%% (100 = one core)%s" % (
+                env["busy_before_pct"], " — **other work was running; figures are noisy**" if env["busy_before_pct"] > 25 else ""))
+        if env.get("selftest"):
+            L.append("- **SELFTEST run: a static nginx played the stack; the figures say nothing about the service.**")
+    if scale:
+        L.append("- scale: %s records requested; ~%s after the runs (watermark)" % (fmt_num(scale.get("scale")), fmt_num(scale.get("records_after"))))
+    L.append("- k6 and the services share the machine. *floor* = the same scenario at the same rate against a static nginx answer of the same size (loadtest/floor).")
+    L.append("")
+    L.append("## Summary")
+    L.append("")
+    L.append("| scenario | target | rate target | achieved | p50 | p95 | p99 | max | floor p99 | errors | verdict |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        if r.get("missing"):
+            L.append("| %s | %s | %s | – | – | – | – | – | – | – | missing |" % (r["name"], r["target_text"], fmt_num(r.get("rate_target"))))
+            continue
+        f = r["figures"][0] if r["figures"] else {}
+        ach = fmt_num(r.get("achieved_rate")) + "/s"
+        if r["name"] == "batch":
+            ach += " (%s records/s)" % fmt_num(r.get("records_per_s"))
+        L.append("| %s | %s | %s/s | %s | %s | %s | %s | %s | %s | %s (%.2f%%) | %s |" % (
+            r["name"], r["target_text"], fmt_num(r.get("rate_target")), ach,
+            fmt_ms(f.get("p50")), fmt_ms(f.get("p95")), fmt_ms(f.get("p99")), fmt_ms(f.get("max")),
+            fmt_ms(f.get("floor_p99")), fmt_num(r.get("errors")), 100 * (r.get("error_rate") or 0), verdict_txt(r.get("verdict"))))
+    L.append("")
+    for r in results:
+        L.append("## %s" % r["name"])
+        L.append("")
+        if r.get("missing"):
+            L.append("No k6 summary (the run failed to start?).")
+            L.append("")
+            continue
+        L.append("Target: %s. Rate %s/s for %ss: achieved %s/s, %s dropped iterations; %s requests, %s failed (%.2f%%); records before ~%s; k6 exit %s." % (
+            r["target_text"], fmt_num(r.get("rate_target")), fmt_num(r.get("duration_s")), fmt_num(r.get("achieved_rate"), 1),
+            fmt_num(r.get("dropped")), fmt_num(r.get("requests")), fmt_num(r.get("errors")), 100 * (r.get("error_rate") or 0),
+            fmt_num(r.get("records_before")), r.get("exit_code")))
+        if r["name"] == "batch":
+            L.append("")
+            L.append("Ingest: **%s records/s** (floor: %s records/s)." % (fmt_num(r.get("records_per_s")), fmt_num(r.get("floor_records_per_s"))))
+        if r["name"] == "freshness":
+            L.append("")
+            L.append("Visibility timeouts: %s; min_seq answers other than 200: %s." % (r.get("freshness_timeouts"), r.get("min_seq_failures")))
+        L.append("")
+        L.append("| figure | count | p50 | p95 | p99 | p99.9 | max | floor p50 | floor p99 | target p99 | vs target | contract (p99<500ms) |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        for f in r["figures"]:
+            L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                f["label"], fmt_num(f["count"]), fmt_ms(f["p50"]), fmt_ms(f["p95"]), fmt_ms(f["p99"]), fmt_ms(f["p999"]),
+                fmt_ms(f["max"]), fmt_ms(f["floor_p50"]), fmt_ms(f["floor_p99"]),
+                fmt_ms(f["target_p99"]) if f["target_p99"] else "–", verdict_txt(f["target_ok"]), "ok" if f["contract_ok"] else "**FAIL**"))
+        if r.get("drift"):
+            L.append("")
+            L.append("p99 drift over the soak (first vs last window):")
+            L.append("")
+            L.append("| figure | first window p99 | last window p99 | last/first | worst/best window |")
+            L.append("|---|---:|---:|---:|---:|")
+            for label, v in r["drift"].items():
+                L.append("| %s | %s | %s | %.2f %s | %s |" % (label, fmt_ms(v["first"]), fmt_ms(v["last"]), v["ratio"],
+                                                           "(pass)" if v["ratio"] <= 1.10 else "(**FAIL**)",
+                                                           "%.2f" % v["worst_ratio"] if v.get("worst_ratio") else "–"))
+        if r.get("statuses"):
+            L.append("")
+            L.append("Statuses: " + "; ".join("%s: %s" % (ep, ", ".join("%s×%s" % (st, fmt_num(n)) for st, n in sorted(sts.items())))
+                                             for ep, sts in sorted(r["statuses"].items())))
+        th = r.get("thresholds", {})
+        bad = [t for t in th.get("contract", []) + th.get("target", []) if t["ok"] is False]
+        if bad:
+            L.append("")
+            L.append("k6 thresholds crossed: " + "; ".join("`%s %s`" % (t["metric"], t["expr"]) for t in bad))
+        if r.get("procs"):
+            L.append("")
+            L.append("| process | n | CPU % avg | CPU % max | RSS max (MiB) | PSS max (MiB) | floor run CPU % avg |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|")
+            for p in PROCS:
+                v = r["procs"].get(p)
+                fv = r.get("floor_procs", {}).get(p)
+                if not v and not fv:
+                    continue
+                v = v or {}
+                L.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+                    p if p != "_machine" else "machine (of %d)" % (100 * (v.get("n") or 1)),
+                    v.get("n", "–"), fmt_num(v.get("cpu_avg"), 0), fmt_num(v.get("cpu_max"), 0),
+                    fmt_num(v.get("rss_max"), 0) if p != "_machine" else fmt_num(v.get("rss_max"), 0) + " used",
+                    fmt_num(v.get("pss_max"), 0) if v.get("pss_max") is not None else "–",
+                    fmt_num(fv.get("cpu_avg"), 0) if fv else "–"))
+            L.append("")
+            L.append("CPU % is per process group, 100 = one core; postgres is the sum of all its backends (PSS counts shared buffers once).")
+        if r.get("plot"):
+            L.append("")
+            L.append("![%s](%s)" % (r["name"], r["plot"]))
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def report(d, floor_dir=None, quiet=False):
+    plt = ensure_matplotlib()
+    env = load_json(os.path.join(d, "env.json")) or load_json(os.path.join(os.path.dirname(d.rstrip("/")), "env.json"))
+    scale = load_json(os.path.join(d, "scale.json"))
+    results = [figures(d, n, floor_dir, plt) for n in scenario_names(d)]
+    md = render(d, env, scale, results)
+    with open(os.path.join(d, "report.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(d, "figures.json"), "w") as f:
+        json.dump({"env": env, "scale": scale, "results": results}, f, indent=1, default=str)
+    if not quiet:
+        print("report: %s (%d scenarios)" % (os.path.join(d, "report.md"), len(results)), file=sys.stderr)
+    return results
+
+
+def compare(small, large, out):
+    def load(d):
+        fj = load_json(os.path.join(d, "figures.json"))
+        if not fj:
+            report(d, quiet=True)
+            fj = load_json(os.path.join(d, "figures.json"))
+        return fj
+    s, l = load(small), load(large)
+    sidx = {r["name"]: r for r in s["results"]}
+    lidx = {r["name"]: r for r in l["results"]}
+    rows = []
+    for name in [n for n in ORDER if n in sidx and n in lidx]:
+        a, b = sidx[name], lidx[name]
+        af = {f["label"]: f for f in a.get("figures", [])}
+        for f in b.get("figures", []):
+            g = af.get(f["label"])
+            if not g:
+                continue
+            row = {"scenario": name, "figure": f["label"]}
+            for k in ("p50", "p95", "p99", "max"):
+                row[k + "_small"] = g.get(k)
+                row[k + "_large"] = f.get(k)
+                row[k + "_ratio"] = (f[k] / g[k]) if (g.get(k) and f.get(k) is not None) else None
+            row["pass"] = row["p99_ratio"] is not None and row["p99_ratio"] <= 1.10
+            rows.append(row)
+        if name == "batch" and a.get("records_per_s") and b.get("records_per_s"):
+            ratio = a["records_per_s"] / b["records_per_s"]  # >1: worse at scale
+            rows.append({"scenario": name, "figure": "records/s (small/large)", "p99_small": a["records_per_s"],
+                         "p99_large": b["records_per_s"], "p99_ratio": ratio, "pass": ratio <= 1.10, "is_rate": True})
+    ss = (s.get("scale") or {})
+    ls = (l.get("scale") or {})
+    L = ["# Scale comparison", "",
+         "Same scenarios at %s and %s records (watermark after: ~%s and ~%s). Ratio = large / small (for records/s: small / large); ≤ 1.10 passes (issue 4: no figure more than 10%% worse)." % (
+             fmt_num(ss.get("scale")), fmt_num(ls.get("scale")), fmt_num(ss.get("records_after")), fmt_num(ls.get("records_after"))),
+         "", "| scenario | figure | p50 small | p50 large | p99 small | p99 large | p99 ratio | p95 ratio | max ratio | verdict |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r.get("is_rate"):
+            L.append("| %s | %s | – | – | %s | %s | %.2f | – | – | %s |" % (r["scenario"], r["figure"], fmt_num(r["p99_small"]), fmt_num(r["p99_large"]), r["p99_ratio"], verdict_txt(r["pass"])))
+            continue
+        fr = lambda x: "%.2f" % x if x is not None else "–"
+        L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["scenario"], r["figure"], fmt_ms(r["p50_small"]), fmt_ms(r["p50_large"]), fmt_ms(r["p99_small"]), fmt_ms(r["p99_large"]),
+            fr(r["p99_ratio"]), fr(r["p95_ratio"]), fr(r["max_ratio"]), verdict_txt(r["pass"])))
+    ok = all(r["pass"] for r in rows) if rows else False
+    L.append("")
+    L.append("Overall: %s (%d figures)." % ("PASS" if ok else "FAIL", len(rows)))
+    L.append("")
+    L.append("Details: [small](%s/report.md), [large](%s/report.md)." % (os.path.relpath(small, out), os.path.relpath(large, out)))
+    md = "\n".join(L) + "\n"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump({"rows": rows, "pass": ok}, f, indent=1)
+    print(md)
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir", nargs="?")
+    ap.add_argument("--floor-from", help="directory holding the <name>.floor.* files (default: DIR)")
+    ap.add_argument("--compare", nargs=2, metavar=("SMALL", "LARGE"))
+    ap.add_argument("--out", help="output directory for --compare")
+    a = ap.parse_args()
+    if a.compare:
+        return compare(a.compare[0], a.compare[1], a.out or os.path.dirname(a.compare[0].rstrip("/")))
+    if not a.dir:
+        ap.error("DIR or --compare SMALL LARGE")
+    report(a.dir, a.floor_from)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
