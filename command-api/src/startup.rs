@@ -47,12 +47,15 @@ impl Application {
             relay_status,
         });
         let limit = http::InFlightLimit::new(settings.max_in_flight);
+        let guard = shared::auth::Guard::from_settings(&settings, shared::auth::SCOPE_WRITE)?;
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(from_fn(shared::auth::guard))
                 .wrap(from_fn(http::shed_load))
                 .wrap(from_fn(telemetry::track_requests))
                 .app_data(state.clone())
                 .app_data(limit.clone())
+                .app_data(guard.clone())
                 .app_data(http::query_config())
                 .app_data(http::path_config())
                 .configure(crate::routes::configure)

@@ -54,13 +54,16 @@ impl Application {
         let listener = TcpListener::bind(settings.bind_address())?;
         let port = listener.local_addr()?.port();
         let limit = http::InFlightLimit::new(settings.max_in_flight);
+        let guard = shared::auth::Guard::from_settings(&settings, shared::auth::SCOPE_READ)?;
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(from_fn(shared::auth::guard))
                 .wrap(from_fn(consistency_headers))
                 .wrap(from_fn(http::shed_load))
                 .wrap(from_fn(telemetry::track_requests))
                 .app_data(state.clone())
                 .app_data(limit.clone())
+                .app_data(guard.clone())
                 .app_data(http::query_config())
                 .app_data(http::path_config())
                 .configure(crate::routes::configure)

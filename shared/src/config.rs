@@ -44,6 +44,20 @@ pub struct Settings {
     pub watermark_interval: Duration,
     pub shutdown_timeout: Duration,
     pub max_in_flight: usize,
+    pub auth: AuthSettings,
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+}
+
+/// Bearer-token settings. Authentication is on unless `AUTH_DISABLED=true`.
+#[derive(Clone, Debug, Default)]
+pub struct AuthSettings {
+    pub disabled: bool,
+    pub hs256_secret: Option<String>,
+    pub rs256_public_key_pem: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway_secs: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +124,16 @@ impl Settings {
             watermark_interval: Duration::from_millis(var("WATERMARK_INTERVAL_MS", 5)?),
             shutdown_timeout: Duration::from_secs(var("SHUTDOWN_TIMEOUT_SECONDS", 20)?),
             max_in_flight: var("MAX_IN_FLIGHT", 2_048)?,
+            auth: AuthSettings {
+                disabled: var("AUTH_DISABLED", false)?,
+                hs256_secret: opt_var("JWT_HS256_SECRET")?,
+                rs256_public_key_pem: opt_var("JWT_RS256_PUBLIC_KEY_PEM")?,
+                issuer: opt_var("JWT_ISSUER")?,
+                audience: opt_var("JWT_AUDIENCE")?,
+                leeway_secs: var("JWT_LEEWAY_SECONDS", 30)?,
+            },
+            rate_limit_per_second: var("RATE_LIMIT_PER_SECOND", 10_000)?,
+            rate_limit_burst: opt_var("RATE_LIMIT_BURST")?.unwrap_or(0),
         })
     }
 

@@ -3,6 +3,7 @@
 //! connections to PostgreSQL, RabbitMQ and Redis, and telemetry.
 
 pub mod amqp;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod db;

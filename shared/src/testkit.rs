@@ -58,6 +58,8 @@ pub async fn isolated_settings() -> Settings {
     s.http_port = 0;
     // Many stacks run at once; PostgreSQL's default is 100 connections.
     s.db_pool_size = 3;
+    // Tests that exercise authentication turn it back on.
+    s.auth.disabled = true;
     s
 }
 

@@ -11,9 +11,6 @@ use crate::{
     store::{self, Appended, IdempotencyKey},
 };
 
-/// Until authentication names the caller, every request shares one scope.
-const ANONYMOUS: &str = "anonymous";
-
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct BatchResponse {
     pub items: Vec<Record>,
@@ -44,8 +41,9 @@ pub async fn create(
     let idem = idempotency_key(&req)?;
     let body = read_limited(&req, payload, MAX_BODY_BYTES).await?;
     let record = validation::parse_record(&body)?;
+    let caller = shared::auth::Caller::of(&req);
     let key = idem.map(|key| IdempotencyKey {
-        caller: ANONYMOUS,
+        caller: &caller,
         key,
         request_hash: store::request_hash("/data", &body),
     });
@@ -85,8 +83,9 @@ pub async fn create_batch(
     let idem = idempotency_key(&req)?;
     let body = read_limited(&req, payload, MAX_BATCH_BODY_BYTES).await?;
     let records = validation::parse_batch(&body)?;
+    let caller = shared::auth::Caller::of(&req);
     let key = idem.map(|key| IdempotencyKey {
-        caller: ANONYMOUS,
+        caller: &caller,
         key,
         request_hash: store::request_hash("/data/batch", &body),
     });
