@@ -98,6 +98,17 @@ async fn connect(settings: &Settings) -> Result<(lapin::Connection, Channel), Re
     Ok((conn, channel))
 }
 
+/// Where a round starts looking. Rounds normally start above the highest
+/// seq this relay published (the index range then skips the dead entries of
+/// rows already deleted); a sweep from the start finds rows that committed
+/// late with a lower seq, or that another replica gave up on.
+struct Floor {
+    seq: i64,
+    last_sweep: std::time::Instant,
+}
+
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
 async fn drain(
     pool: &PgPool,
     channel: &Channel,
@@ -105,10 +116,29 @@ async fn drain(
     wake: &Notify,
     shutdown: &mut Shutdown,
 ) -> Result<(), RelayError> {
+    let mut floor = Floor {
+        seq: 0,
+        last_sweep: std::time::Instant::now(),
+    };
     loop {
-        let published = publish_round(pool, channel, settings).await?;
+        if floor.last_sweep.elapsed() >= SWEEP_EVERY {
+            floor.seq = 0;
+            floor.last_sweep = std::time::Instant::now();
+        }
+        let (published, highest) = publish_round(pool, channel, settings, floor.seq).await?;
         if published as i64 >= settings.relay_batch_size {
+            floor.seq = highest;
             continue; // more is waiting
+        }
+        if published == 0 && floor.seq > 0 {
+            // Nothing above the floor: look below it once before resting.
+            floor.seq = 0;
+            floor.last_sweep = std::time::Instant::now();
+            if publish_round(pool, channel, settings, 0).await?.0 > 0 {
+                continue;
+            }
+        } else if published > 0 {
+            floor.seq = highest;
         }
         if shutdown.is_triggered() {
             return Ok(());
@@ -120,29 +150,33 @@ async fn drain(
             _ = tokio::time::sleep(settings.relay_poll_interval) => {}
             _ = shutdown.wait() => {
                 // One last round so that what was just committed leaves now.
-                publish_round(pool, channel, settings).await?;
+                publish_round(pool, channel, settings, 0).await?;
                 return Ok(());
             }
         }
     }
 }
 
+/// Publishes up to `RELAY_BATCH_SIZE` outbox rows above `floor`; returns how
+/// many and the highest seq among them.
 async fn publish_round(
     pool: &PgPool,
     channel: &Channel,
     settings: &Settings,
-) -> Result<usize, RelayError> {
+    floor: i64,
+) -> Result<(usize, i64), RelayError> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
         "SELECT r.seq, r.id, r.kind, r.key, r.payload::text AS payload, r.created_at \
-         FROM (SELECT seq FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) o \
+         FROM (SELECT seq FROM outbox WHERE seq > $2 ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) o \
          JOIN records r ON r.seq = o.seq ORDER BY r.seq",
     )
     .bind(settings.relay_batch_size)
+    .bind(floor)
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
-        return Ok(0);
+        return Ok((0, floor));
     }
     let records: Vec<Record> = rows
         .iter()
@@ -195,5 +229,5 @@ async fn publish_round(
         .await?;
     tx.commit().await?;
     tracing::debug!(records = seqs.len(), "relayed");
-    Ok(seqs.len())
+    Ok((seqs.len(), seqs.last().copied().unwrap_or(floor)))
 }

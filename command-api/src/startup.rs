@@ -26,7 +26,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pool = db::pool(&settings.database_url, &settings, "command-api")?;
         if settings.run_migrations {
-            db::WRITE_MIGRATOR.run(&pool).await?;
+            db::migrate_with_retry(&db::WRITE_MIGRATOR, &pool).await?;
         }
         let relay_wake = Arc::new(Notify::new());
         let relay_status = Arc::new(RelayStatus::default());
@@ -59,7 +59,7 @@ impl Application {
                 .app_data(http::query_config())
                 .app_data(http::path_config())
                 .configure(crate::routes::configure)
-                .default_service(web::to(http::fallback))
+                .default_service(web::to(http::not_found))
         })
         .listen(listener)?
         .shutdown_timeout(settings.shutdown_timeout.as_secs())
@@ -97,7 +97,7 @@ impl Application {
 
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let pool = db::pool(&settings.database_url, settings, "command-api-migrate")?;
-    db::WRITE_MIGRATOR.run(&pool).await?;
+    db::migrate_with_retry(&db::WRITE_MIGRATOR, &pool).await?;
     tracing::info!("write-side migrations applied");
     Ok(())
 }

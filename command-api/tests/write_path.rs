@@ -382,6 +382,7 @@ async fn writes_succeed_while_the_broker_is_down_and_drain_when_it_returns() {
 #[tokio::test]
 async fn postgres_down_is_a_fast_503_and_recovers() {
     let mut settings = testkit::isolated_settings().await;
+    settings.db_acquire_timeout = Duration::from_millis(500);
     let proxy = TcpProxy::start(testkit::socket_addr(&settings.database_url).await).await;
     settings.database_url = proxy.url(&settings.database_url);
     let app = TestApp::spawn_with(settings).await;
@@ -438,5 +439,8 @@ async fn ops_endpoints() {
     assert!(doc["paths"]["/data/batch"]["post"].is_object());
     let res = get("/nope").await.unwrap();
     assert_eq!(res.status(), 404);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    let res = get("/data").await.unwrap();
+    assert_eq!(res.status(), 405);
     assert_eq!(res.headers()["content-type"], "application/problem+json");
 }

@@ -594,3 +594,52 @@ async fn query_ops_endpoints() {
     assert!(metrics.contains("http_requests_total"));
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn reads_need_the_read_scope() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    const SECRET: &str = "e2e-test-secret-0123456789abcdef0123";
+    let token = |scope: &str| {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 300;
+        let claims =
+            json!({"sub": "reader", "iss": "iss", "aud": "aud", "exp": exp, "scope": scope});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let mut settings = Stack::settings().await;
+    settings.auth.disabled = false;
+    settings.auth.hs256_secret = Some(SECRET.into());
+    settings.auth.issuer = Some("iss".into());
+    settings.auth.audience = Some("aud".into());
+    let stack = Stack::start_with(settings, false).await;
+    let url = format!("{}/data?limit=1", stack.query);
+    let res = stack.http.get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert!(res.headers().contains_key("x-projection-seq"));
+    let res = stack
+        .http
+        .get(&url)
+        .bearer_auth(token("data:write"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let res = stack
+        .http
+        .get(&url)
+        .bearer_auth(token("data:read"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(stack.get("/healthz").await.status(), 200);
+    stack.stop().await;
+}

@@ -36,7 +36,7 @@ impl Projector {
         )?;
         let read = db::pool(settings.read_primary_url(), &settings, "projector")?;
         if settings.run_migrations {
-            db::READ_MIGRATOR.run(&read).await?;
+            db::migrate_with_retry(&db::READ_MIGRATOR, &read).await?;
         }
         let applier = Applier {
             read_pool: read,
@@ -78,7 +78,7 @@ impl Projector {
                 .route("/healthz", web::get().to(http::healthz))
                 .route("/readyz", web::get().to(readyz))
                 .route("/metrics", web::get().to(telemetry::metrics))
-                .default_service(web::to(http::fallback))
+                .default_service(web::to(http::not_found))
         })
         .workers(1)
         .listen(listener)?
@@ -147,7 +147,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
         "projector-migrate",
         1,
     )?;
-    db::READ_MIGRATOR.run(&read).await?;
+    db::migrate_with_retry(&db::READ_MIGRATOR, &read).await?;
     tracing::info!("read-model migrations applied");
     Ok(())
 }

@@ -164,12 +164,24 @@ impl Tracker {
             };
         // Taken after `horizon` committed, so every id below it that is still
         // running is listed here.
-        let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
-            .fetch_one(&self.write)
-            .await?;
+        // Transaction ids are cluster-wide: those of sessions in other
+        // databases cannot hold our seqs, so they are not waited for. (Without
+        // the privilege to see other roles' sessions this list is empty, and
+        // the wait is merely longer, never wrong.)
+        let (snapshot, foreign): (String, Vec<String>) = sqlx::query_as(
+            "SELECT pg_current_snapshot()::text, ARRAY(SELECT backend_xid::text FROM pg_stat_activity \
+             WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database())",
+        )
+        .fetch_one(&self.write)
+        .await?;
         let running = parse_in_progress(&snapshot)?;
         if let Some(h) = horizon {
-            let blockers = running.iter().copied().filter(|x| *x < h).collect();
+            let foreign: HashSet<u64> = foreign.iter().filter_map(|x| x.parse().ok()).collect();
+            let blockers = running
+                .iter()
+                .copied()
+                .filter(|x| *x < h && !foreign.contains(x))
+                .collect();
             self.pending.push_back((head, blockers));
         }
         let running: HashSet<u64> = running.into_iter().collect();

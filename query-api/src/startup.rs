@@ -67,7 +67,7 @@ impl Application {
                 .app_data(http::query_config())
                 .app_data(http::path_config())
                 .configure(crate::routes::configure)
-                .default_service(web::to(http::fallback))
+                .default_service(web::to(http::not_found))
         })
         .listen(listener)?
         .shutdown_timeout(settings.shutdown_timeout.as_secs())

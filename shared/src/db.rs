@@ -54,3 +54,23 @@ pub fn is_connectivity(e: &sqlx::Error) -> bool {
             | sqlx::Error::Tls(_)
     ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")))
 }
+
+/// Runs `migrator`, retrying for a while: in a deployment the database may
+/// come up after the service does.
+pub async fn migrate_with_retry(
+    migrator: &Migrator,
+    pool: &PgPool,
+) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut attempt = 0;
+    loop {
+        match migrator.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(sqlx::migrate::MigrateError::Execute(e)) if is_connectivity(&e) && attempt < 30 => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "database not reachable for migrations; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use actix_web::{
     body::{EitherBody, MessageBody},
     dev::{ServiceRequest, ServiceResponse},
-    http::{header, Method},
+    http::header,
     middleware::Next,
-    web, HttpRequest, HttpResponse, ResponseError,
+    web, HttpResponse, ResponseError,
 };
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -65,15 +65,15 @@ pub fn path_config() -> web::PathConfig {
         .error_handler(|e, _| ApiError::BadRequest(format!("invalid path: {e}")).into())
 }
 
-/// The default service: unknown paths are 404, known paths with another
-/// method are 405, both as problem+json.
-pub async fn fallback(req: HttpRequest) -> HttpResponse {
-    let known = req.path() == "/data" || req.path().starts_with("/data/");
-    if known && req.method() != Method::GET && req.method() != Method::POST {
-        ApiError::MethodNotAllowed.error_response()
-    } else {
-        ApiError::NotFound.error_response()
-    }
+/// The app's default service: an unknown path is 404 problem+json.
+pub async fn not_found() -> HttpResponse {
+    ApiError::NotFound.error_response()
+}
+
+/// A resource's default service: a known path with a method it does not
+/// serve is 405 problem+json.
+pub async fn method_not_allowed() -> HttpResponse {
+    ApiError::MethodNotAllowed.error_response()
 }
 
 /// Load shedding: at most `MAX_IN_FLIGHT` requests are worked on at once per

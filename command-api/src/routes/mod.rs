@@ -4,10 +4,19 @@ pub mod ops;
 use actix_web::web;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/data").route(web::post().to(data::create)))
-        .service(web::resource("/data/batch").route(web::post().to(data::create_batch)))
-        .route("/healthz", web::get().to(shared::http::healthz))
-        .route("/readyz", web::get().to(ops::readyz))
-        .route("/metrics", web::get().to(shared::telemetry::metrics))
-        .route("/openapi.json", web::get().to(ops::openapi));
+    let not_allowed = || web::to(shared::http::method_not_allowed);
+    cfg.service(
+        web::resource("/data")
+            .route(web::post().to(data::create))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/data/batch")
+            .route(web::post().to(data::create_batch))
+            .default_service(not_allowed()),
+    )
+    .route("/healthz", web::get().to(shared::http::healthz))
+    .route("/readyz", web::get().to(ops::readyz))
+    .route("/metrics", web::get().to(shared::telemetry::metrics))
+    .route("/openapi.json", web::get().to(ops::openapi));
 }
