@@ -444,3 +444,50 @@ async fn ops_endpoints() {
     assert_eq!(res.status(), 405);
     assert_eq!(res.headers()["content-type"], "application/problem+json");
 }
+
+#[tokio::test]
+async fn overload_is_a_fast_503_not_a_queue() {
+    let mut settings = testkit::isolated_settings().await;
+    settings.max_in_flight = 1;
+    let app = TestApp::spawn_with(settings).await;
+    // One request holds the only slot while its body trickles in.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let body = reqwest::Body::wrap_stream(tokio_stream_from(rx));
+    let slow = {
+        let http = app.http.clone();
+        let url = format!("{}/data", app.base);
+        tokio::spawn(async move {
+            http.post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tx.send(Ok(br#"{"kind":"slow","#.to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let res = app.post_json("/data", &record("a")).await;
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().contains_key("retry-after"));
+    assert!(started.elapsed() < Duration::from_millis(500));
+    // Probes are never shed.
+    let ready = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    tx.send(Ok(br#""payload":{}}"#.to_vec())).await.unwrap();
+    drop(tx);
+    assert_eq!(slow.await.unwrap().unwrap(), 201);
+    assert_eq!(app.post_json("/data", &record("a")).await.status(), 201);
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -643,3 +643,24 @@ async fn reads_need_the_read_scope() {
     assert_eq!(stack.get("/healthz").await.status(), 200);
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn two_projectors_share_the_queue_without_double_applying() {
+    let stack = Stack::start().await;
+    let second = projector::Projector::build(stack.settings.clone())
+        .await
+        .unwrap();
+    let handle = second.server_handle();
+    let task = tokio::spawn(second.run_until_stopped());
+    let mut last = 0;
+    for round in 0..10 {
+        let items: Vec<Value> = (0..50).map(|i| rec("two", round * 50 + i)).collect();
+        last = stack.post_batch(&items).await[49]["seq"].as_i64().unwrap();
+    }
+    stack.wait_visible(last, Duration::from_secs(20)).await;
+    assert_eq!(stack.count(&stack.read_db, "records").await, 500);
+    assert_eq!(stack.count(&stack.write_db, "records").await, 500);
+    handle.stop(true).await;
+    task.await.unwrap().unwrap();
+    stack.stop().await;
+}
