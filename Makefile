@@ -15,6 +15,7 @@ help:
 	@echo "make test    run every test against real PostgreSQL, RabbitMQ and Redis"
 	@echo "make lint    cargo fmt --check, clippy -D warnings, deploy artifact linters"
 	@echo "make bench   seed SCALE records and run the k6 scenarios (SCALE=$(SCALE) DURATION=$(DURATION))"
+	@echo "make chaos   fault battery against private instances (CHAOS_SCALE=small for CI)"
 	@echo "make down    stop private dependency instances started by make up/test"
 
 up:
@@ -33,6 +34,7 @@ migrate: deps
 
 test: deps
 	source $(LOCAL_DIR)/env && bash .ci/test-rust.sh $(TEST_THREADS)
+	bash .ci/edge-battery.sh
 	bash deploy/local/test-private-instances.sh
 
 lint: fmt clippy lint-deploy
@@ -48,3 +50,8 @@ lint-deploy:
 
 bench:
 	SCALE=$(SCALE) DURATION=$(DURATION) bash loadtest/bench.sh
+
+# The fault battery against private PostgreSQL/RabbitMQ/Redis on free ports
+# (CHAOS_SCALE=small: ~2 min; default: the issue's 30 s faults, ~8 min).
+chaos:
+	python3 e2e/chaos/chaos.py

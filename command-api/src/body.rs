@@ -6,6 +6,9 @@ use actix_web::{http::header, web, HttpRequest};
 use futures_util::StreamExt;
 use shared::ApiError;
 
+/// Time allowed for a whole body to arrive (16 MiB at ~2 MB/s).
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub fn require_json(req: &HttpRequest) -> Result<(), ApiError> {
     let ok = req
         .headers()
@@ -37,13 +40,21 @@ pub async fn read_limited(
         return Err(ApiError::PayloadTooLarge(limit));
     }
     let mut buf = web::BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit));
-    while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::BadRequest(format!("could not read the body: {e}")))?;
-        if buf.len() + chunk.len() > limit {
-            return Err(ApiError::PayloadTooLarge(limit));
+    // The server times the headers; this times the body, so a client that
+    // trickles it cannot hold a connection and an in-flight slot for ever.
+    let read = async {
+        while let Some(chunk) = payload.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::BadRequest(format!("could not read the body: {e}")))?;
+            if buf.len() + chunk.len() > limit {
+                return Err(ApiError::PayloadTooLarge(limit));
+            }
+            buf.extend_from_slice(&chunk);
         }
-        buf.extend_from_slice(&chunk);
-    }
+        Ok(())
+    };
+    tokio::time::timeout(BODY_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| ApiError::RequestTimeout)??;
     Ok(buf)
 }

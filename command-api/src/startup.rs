@@ -11,6 +11,7 @@ use crate::relay::{self, RelayStatus};
 
 pub struct AppState {
     pub pool: PgPool,
+    pub db_timeout: Duration,
     pub relay_wake: Arc<Notify>,
     pub relay_status: Arc<RelayStatus>,
 }
@@ -43,6 +44,7 @@ impl Application {
         let port = listener.local_addr()?.port();
         let state = web::Data::new(AppState {
             pool,
+            db_timeout: settings.db_request_timeout,
             relay_wake,
             relay_status,
         });
@@ -53,6 +55,7 @@ impl Application {
                 .wrap(from_fn(shared::auth::guard))
                 .wrap(from_fn(http::shed_load))
                 .wrap(from_fn(telemetry::track_requests))
+                .wrap(from_fn(http::limit_headers))
                 .app_data(state.clone())
                 .app_data(limit.clone())
                 .app_data(guard.clone())

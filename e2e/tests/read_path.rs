@@ -526,7 +526,8 @@ async fn rebuild_reproduces_the_read_model_exactly() {
 
 #[tokio::test]
 async fn redis_down_falls_back_to_replicas_and_both_down_is_503() {
-    let settings = Stack::settings().await;
+    let mut settings = Stack::settings().await;
+    settings.redis_timeout = Duration::from_millis(50);
     let redis_proxy =
         TcpProxy::start(shared::testkit::socket_addr(&settings.redis_url).await).await;
     let pg_proxy =

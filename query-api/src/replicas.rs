@@ -22,6 +22,7 @@ static REPLICA_READS: std::sync::LazyLock<prometheus::IntCounterVec> =
 
 pub struct Replicas {
     pools: Vec<PgPool>,
+    timeout: std::time::Duration,
     next: AtomicUsize,
 }
 
@@ -52,6 +53,7 @@ impl Replicas {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             pools,
+            timeout: settings.db_request_timeout,
             next: AtomicUsize::new(0),
         })
     }
@@ -68,10 +70,12 @@ impl Replicas {
         let mut behind = false;
         for i in 0..self.pools.len() {
             let pool = &self.pools[(start + i) % self.pools.len()];
-            match f(pool.clone()).await {
-                Ok(Some(v)) => return Ok(v),
-                Ok(None) => behind = true,
-                Err(e) => last_err = Some(e),
+            // A hung replica costs at most the timeout, then the next is asked.
+            match tokio::time::timeout(self.timeout, f(pool.clone())).await {
+                Ok(Ok(Some(v))) => return Ok(v),
+                Ok(Ok(None)) => behind = true,
+                Ok(Err(e)) => last_err = Some(e.to_string()),
+                Err(_) => last_err = Some(format!("no answer within {:?}", self.timeout)),
             }
         }
         match (behind, last_err) {

@@ -61,6 +61,7 @@ impl Application {
                 .wrap(from_fn(consistency_headers))
                 .wrap(from_fn(http::shed_load))
                 .wrap(from_fn(telemetry::track_requests))
+                .wrap(from_fn(http::limit_headers))
                 .app_data(state.clone())
                 .app_data(limit.clone())
                 .app_data(guard.clone())

@@ -31,6 +31,9 @@ pub struct Settings {
     pub db_pool_size: u32,
     pub db_acquire_timeout: Duration,
     pub db_statement_timeout: Duration,
+    /// Client-side bound on one request's database work: a hung server
+    /// (no answer, no error) must cost a 503, not a hang.
+    pub db_request_timeout: Duration,
     pub read_wait: Duration,
     pub cursor_secret: String,
     pub log_format: LogFormat,
@@ -99,6 +102,7 @@ impl Settings {
             db_pool_size: var("DB_POOL_SIZE", 16)?,
             db_acquire_timeout: Duration::from_millis(var("DB_ACQUIRE_TIMEOUT_MS", 500)?),
             db_statement_timeout: Duration::from_millis(var("DB_STATEMENT_TIMEOUT_MS", 5_000)?),
+            db_request_timeout: Duration::from_millis(var("DB_REQUEST_TIMEOUT_MS", 2_000)?),
             read_wait: Duration::from_millis(var("READ_WAIT_MS", 1_000)?),
             cursor_secret: var(
                 "CURSOR_SECRET",

@@ -74,3 +74,21 @@ pub async fn migrate_with_retry(
         }
     }
 }
+
+/// Bounds `work` on the client side: PostgreSQL's `statement_timeout` cannot
+/// help when the server (or the network) stops answering altogether.
+pub async fn bounded<T, E>(
+    limit: std::time::Duration,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, crate::ApiError>
+where
+    crate::ApiError: From<E>,
+{
+    match tokio::time::timeout(limit, work).await {
+        Ok(r) => r.map_err(crate::ApiError::from),
+        Err(_) => Err(crate::ApiError::unavailable(
+            "postgres",
+            format!("no answer within {limit:?}"),
+        )),
+    }
+}

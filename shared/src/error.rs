@@ -48,8 +48,12 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     #[error("not found")]
     NotFound,
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    #[error("method not allowed; allowed: {0}")]
+    MethodNotAllowed(&'static str),
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
+    #[error("request headers too large")]
+    HeadersTooLarge,
     #[error("idempotency key reused with a different request")]
     IdempotencyMismatch,
     #[error("a request with this idempotency key is still in flight")]
@@ -98,7 +102,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => ("payload-too-large", "The body is too large"),
             Self::Validation(_) => ("validation", "The record is invalid"),
             Self::NotFound => ("not-found", "No such resource"),
-            Self::MethodNotAllowed => ("method-not-allowed", "Method not allowed"),
+            Self::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
+            Self::RequestTimeout => ("request-timeout", "The request body was too slow"),
+            Self::HeadersTooLarge => ("headers-too-large", "Request headers too large"),
             Self::IdempotencyMismatch => (
                 "idempotency-mismatch",
                 "Idempotency-Key reused with another body",
@@ -150,7 +156,9 @@ impl ResponseError for ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Validation(_) | Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::IdempotencyInFlight => StatusCode::CONFLICT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -170,8 +178,18 @@ impl ResponseError for ApiError {
         if let Some(secs) = self.retry_after() {
             res.insert_header((header::RETRY_AFTER, secs.to_string()));
         }
-        if let Self::Unauthorized(_) = self {
-            res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        match self {
+            Self::Unauthorized(_) => {
+                res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            Self::MethodNotAllowed(allow) => {
+                res.insert_header((header::ALLOW, *allow));
+            }
+            // The rest of a slow body is not worth waiting for.
+            Self::RequestTimeout | Self::HeadersTooLarge => {
+                res.insert_header((header::CONNECTION, "close"));
+            }
+            _ => {}
         }
         res.body(serde_json::to_string(&self.problem()).unwrap_or_default())
     }

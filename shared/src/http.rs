@@ -71,9 +71,37 @@ pub async fn not_found() -> HttpResponse {
 }
 
 /// A resource's default service: a known path with a method it does not
-/// serve is 405 problem+json.
-pub async fn method_not_allowed() -> HttpResponse {
-    ApiError::MethodNotAllowed.error_response()
+/// serve is 405 problem+json, with `Allow`.
+pub fn method_not_allowed(allow: &'static str) -> actix_web::Route {
+    web::to(move || async move { ApiError::MethodNotAllowed(allow).error_response() })
+}
+
+/// Largest single header value, and all header lines together, that a
+/// request may carry; beyond that, 431 before any other work.
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+pub const MAX_HEADERS_TOTAL_BYTES: usize = 32 * 1024;
+
+/// Middleware (outermost): refuses oversized headers with 431.
+pub async fn limit_headers(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let mut total = 0usize;
+    let mut too_large = false;
+    for (name, value) in req.headers() {
+        let n = name.as_str().len() + value.len();
+        total += n + 4;
+        if n > MAX_HEADER_BYTES || total > MAX_HEADERS_TOTAL_BYTES {
+            too_large = true;
+            break;
+        }
+    }
+    if too_large {
+        let (http_req, _) = req.into_parts();
+        let res = ApiError::HeadersTooLarge.error_response();
+        return Ok(ServiceResponse::new(http_req, res).map_into_right_body());
+    }
+    Ok(next.call(req).await?.map_into_left_body())
 }
 
 /// Load shedding: at most `MAX_IN_FLIGHT` requests are worked on at once per

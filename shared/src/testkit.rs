@@ -61,6 +61,7 @@ pub async fn isolated_settings() -> Settings {
     // A loaded CI machine is slow to open connections; fault tests that
     // measure the 503 latency set their own, production-like bound.
     s.db_acquire_timeout = std::time::Duration::from_secs(3);
+    s.redis_timeout = std::time::Duration::from_millis(500);
     // Tests that exercise authentication turn it back on.
     s.auth.disabled = true;
     s
@@ -169,13 +170,14 @@ impl TcpProxy {
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let mode = m.load(Ordering::SeqCst);
-                let (d, mut cut_rx) = (d.clone(), c.subscribe());
+                let (d, m2, mut cut_rx) = (d.clone(), m.clone(), c.subscribe());
                 tokio::spawn(async move {
                     match mode {
                         x if x == ProxyMode::Reset as u8 => {
                             drop(client);
                         }
                         x if x == ProxyMode::BlackHole as u8 => {
+                            // Held, unanswered, until the proxy is reset.
                             let _ = cut_rx.recv().await;
                             drop(client);
                         }
@@ -186,7 +188,7 @@ impl TcpProxy {
                             let _ = client.set_nodelay(true);
                             let _ = server.set_nodelay(true);
                             tokio::select! {
-                                _ = pipe(client, server, d) => {},
+                                _ = pipe(client, server, d, m2) => {},
                                 _ = cut_rx.recv() => {},
                             }
                         }
@@ -202,10 +204,15 @@ impl TcpProxy {
         }
     }
 
-    /// Switches mode; anything but `Pass`/`Delay` also drops the live connections.
+    /// Switches mode. `Reset` also drops the live connections; `BlackHole`
+    /// stalls them (nothing more is forwarded) and holds new ones; `Pass`
+    /// clears any delay.
     pub fn set_mode(&self, mode: ProxyMode) {
+        if mode == ProxyMode::Pass {
+            self.delay_ms.store(0, Ordering::SeqCst);
+        }
         self.mode.store(mode as u8, Ordering::SeqCst);
-        if matches!(mode, ProxyMode::Reset | ProxyMode::BlackHole) {
+        if mode == ProxyMode::Reset {
             let _ = self.cut.send(());
         }
     }
@@ -246,12 +253,17 @@ pub async fn socket_addr(url: &str) -> SocketAddr {
         .expect("an address")
 }
 
-async fn pipe(client: TcpStream, server: TcpStream, delay_ms: Arc<std::sync::atomic::AtomicU64>) {
+async fn pipe(
+    client: TcpStream,
+    server: TcpStream,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    mode: Arc<AtomicU8>,
+) {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
-    let d1 = delay_ms.clone();
-    let up = async move { copy_delayed(&mut cr, &mut sw, d1).await };
-    let down = async move { copy_delayed(&mut sr, &mut cw, delay_ms).await };
+    let (d1, m1) = (delay_ms.clone(), mode.clone());
+    let up = async move { copy_delayed(&mut cr, &mut sw, d1, m1).await };
+    let down = async move { copy_delayed(&mut sr, &mut cw, delay_ms, mode).await };
     tokio::select! { _ = up => {}, _ = down => {} }
 }
 
@@ -259,6 +271,7 @@ async fn copy_delayed(
     r: &mut tokio::net::tcp::OwnedReadHalf,
     w: &mut tokio::net::tcp::OwnedWriteHalf,
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    mode: Arc<AtomicU8>,
 ) {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 64 * 1024];
@@ -267,6 +280,10 @@ async fn copy_delayed(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        // A hung peer: what arrives is held, not forwarded.
+        while mode.load(Ordering::SeqCst) == ProxyMode::BlackHole as u8 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let d = delay_ms.load(Ordering::SeqCst);
         if d > 0 {
             tokio::time::sleep(Duration::from_millis(d)).await;

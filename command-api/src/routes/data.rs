@@ -1,6 +1,7 @@
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use serde::Serialize;
 use shared::{
+    db,
     validation::{self, MAX_BATCH_BODY_BYTES, MAX_BODY_BYTES},
     ApiError, FieldError, Record,
 };
@@ -20,7 +21,7 @@ pub struct BatchResponse {
 #[utoipa::path(
     post, path = "/data", tag = "commands",
     request_body(content = crate::openapi::NewRecordDoc, content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "1-255 printable characters; a repeat within 24 h answers the first record")),
+    params(crate::openapi::IdempotencyHeader),
     responses(
         (status = 201, description = "Committed", body = Record, headers(("Location" = String))),
         (status = 200, description = "A repeat of an earlier request with the same Idempotency-Key", body = Record),
@@ -47,7 +48,11 @@ pub async fn create(
         key,
         request_hash: store::request_hash("/data", &body),
     });
-    let appended = store::append(&state.pool, vec![record], key).await?;
+    let appended = db::bounded(
+        state.db_timeout,
+        store::append(&state.pool, vec![record], key),
+    )
+    .await?;
     let (status, mut records) = outcome(appended, &state);
     let record = records
         .pop()
@@ -61,8 +66,8 @@ pub async fn create(
 /// Append 1-1000 records in one transaction: all or none.
 #[utoipa::path(
     post, path = "/data/batch", tag = "commands",
-    request_body(content = Vec<crate::openapi::NewRecordDoc>, content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "1-255 printable characters")),
+    request_body(content = crate::openapi::BatchRequestDoc, content_type = "application/json"),
+    params(crate::openapi::IdempotencyHeader),
     responses(
         (status = 201, description = "All committed, in request order", body = BatchResponse),
         (status = 200, description = "A repeat with the same Idempotency-Key", body = BatchResponse),
@@ -89,7 +94,7 @@ pub async fn create_batch(
         key,
         request_hash: store::request_hash("/data/batch", &body),
     });
-    let appended = store::append(&state.pool, records, key).await?;
+    let appended = db::bounded(state.db_timeout, store::append(&state.pool, records, key)).await?;
     let (status, items) = outcome(appended, &state);
     Ok(HttpResponse::build(status).json(BatchResponse { items }))
 }

@@ -4,7 +4,7 @@ pub mod ops;
 use actix_web::web;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let not_allowed = || web::to(shared::http::method_not_allowed);
+    let not_allowed = || shared::http::method_not_allowed("POST");
     cfg.service(
         web::resource("/data")
             .route(web::post().to(data::create))

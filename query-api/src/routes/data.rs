@@ -12,8 +12,10 @@ pub const X_CACHE: &str = "x-cache";
 pub const X_PROJECTION_SEQ: &str = "x-projection-seq";
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct GetParams {
     /// Wait (at most READ_WAIT_MS) until the projection has applied this seq.
+    #[param(minimum = 0)]
     min_seq: Option<i64>,
 }
 
@@ -122,16 +124,19 @@ async fn load_once(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Only records of this kind.
     kind: Option<String>,
     /// Only records with this business key.
     key: Option<String>,
     /// 1-1000, default 50.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Wait until the projection has applied this seq.
+    #[param(minimum = 0)]
     min_seq: Option<i64>,
 }
 
