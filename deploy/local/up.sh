@@ -5,7 +5,7 @@
 #
 # 1. deploy/local/deps.sh up (PostgreSQL, Redis, RabbitMQ: the configured ones
 #    when they answer, else private instances), then sources $LOCAL_DIR/env;
-# 2. cargo build --release --bins (skipped with SKIP_BUILD=1);
+# 2. cargo build --release of the three services (skipped with SKIP_BUILD=1);
 # 3. command-api migrate, projector migrate;
 # 4. command-api, projector, query-api in the background (logs in
 #    $LOCAL_DIR/logs/), each waited for on /readyz;
@@ -260,8 +260,8 @@ read -r -a DEPS_STARTED <"$LOCAL_DIR/deps.started" || DEPS_STARTED=()
 
 BIN="$(target_dir)/release"
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-    log "cargo build --release --bins"
-    (cd "$ROOT_DIR" && cargo build --release --bins)
+    log "cargo build --release -p command-api -p query-api -p projector"
+    (cd "$ROOT_DIR" && cargo build --release -p command-api -p query-api -p projector)
 fi
 for b in command-api projector query-api; do
     [[ -x $BIN/$b ]] || die "$BIN/$b not found (build it: cargo build --release --bins)"

@@ -192,10 +192,18 @@ impl Stack {
             if res.status() == 200 {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "watermark did not reach {seq} within {within:?}"
-            );
+            if Instant::now() >= deadline {
+                // Who holds the watermark back: the writers still running.
+                let writers: Vec<(Option<String>, Option<String>, Option<String>)> =
+                    sqlx::query_as(
+                        "SELECT datname::text, state, backend_xid::text FROM pg_stat_activity \
+                     WHERE backend_xid IS NOT NULL OR state LIKE 'idle in%'",
+                    )
+                    .fetch_all(&self.write_db)
+                    .await
+                    .unwrap_or_default();
+                panic!("watermark did not reach {seq} within {within:?}; writers: {writers:?}");
+            }
         }
     }
 

@@ -95,6 +95,17 @@ struct Tracker {
     pending: VecDeque<(i64, Vec<u64>)>,
     /// The first missing seq and since when it has been missing.
     missing_since: Option<(i64, Instant)>,
+    /// What Redis last confirmed, and when it was last told.
+    announcer: Arc<Announcer>,
+}
+
+/// Redis announcements run beside the loop, so a slow or hung Redis never
+/// slows the watermark itself (readers then learn it from the read model).
+#[derive(Default)]
+struct Announcer {
+    confirmed: std::sync::atomic::AtomicI64,
+    in_flight: std::sync::atomic::AtomicBool,
+    last_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Tracker {
@@ -107,6 +118,10 @@ impl Tracker {
             watermark: 0,
             pending: VecDeque::new(),
             missing_since: None,
+            announcer: Arc::new(Announcer {
+                confirmed: std::sync::atomic::AtomicI64::new(-1),
+                ..Default::default()
+            }),
         }
     }
 
@@ -119,7 +134,7 @@ impl Tracker {
         self.watermark = sqlx::query_scalar("SELECT watermark FROM projection_state")
             .fetch_one(&self.applier.read_pool)
             .await?;
-        self.publish().await;
+        self.publish().await?;
         let mut lock_checked = Instant::now();
         while !shutdown.is_triggered() {
             let busy = self.tick().await?;
@@ -205,8 +220,12 @@ impl Tracker {
         if settled > self.watermark {
             self.advance(settled).await?;
         }
+        // Announced again when an announcement failed, and once a second
+        // anyway (a flushed or restarted Redis learns it back).
         if self.watermark > before {
-            self.publish().await;
+            self.publish().await?;
+        } else {
+            self.announce();
         }
         Ok(!self.pending.is_empty() || self.missing_since.is_some() || self.watermark < settled)
     }
@@ -288,39 +307,65 @@ impl Tracker {
 
     /// Read model first (replicas that show W also show every record up to
     /// W), then Redis, where the query API instances learn of it at once.
-    async fn publish(&self) {
+    /// A failure to store it ends this leadership round: the next one
+    /// starts again from what the read model holds.
+    async fn publish(&self) -> Result<(), sqlx::Error> {
         let w = self.watermark;
-        if let Err(e) = sqlx::query(
+        sqlx::query(
             "UPDATE projection_state SET watermark = $1, updated_at = now() WHERE watermark < $1",
         )
         .bind(w)
         .execute(&self.applier.read_pool)
-        .await
-        {
-            tracing::warn!(error = %e, "could not store the watermark");
+        .await?;
+        metrics::WATERMARK.set(w);
+        self.announce();
+        Ok(())
+    }
+
+    /// Tells Redis (`SET` + `PUBLISH`) when it does not have the current
+    /// watermark yet, and once a second anyway (a flushed or restarted Redis
+    /// learns it back).
+    fn announce(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let w = self.watermark;
+        let a = &self.announcer;
+        let now_ms = Instant::now().duration_since(*EPOCH).as_millis() as u64;
+        let stale = a.confirmed.load(Relaxed) != w;
+        let due = now_ms.saturating_sub(a.last_ms.load(Relaxed)) >= 1_000;
+        if !(stale || due) || a.in_flight.swap(true, Relaxed) {
             return;
         }
-        metrics::WATERMARK.set(w);
-        let keys = &self.applier.keys;
-        let result = async {
-            let mut conn = self.applier.redis.get().await.map_err(|e| e.to_string())?;
-            redis::pipe()
-                .set(keys.watermark(), w)
-                .ignore()
-                .publish(keys.watermark_channel(), w)
-                .ignore()
-                .query_async::<()>(&mut *conn)
+        a.last_ms.store(now_ms, Relaxed);
+        let (a, redis, keys) = (
+            a.clone(),
+            self.applier.redis.clone(),
+            self.applier.keys.clone(),
+        );
+        tokio::spawn(async move {
+            let result = async {
+                let mut conn = redis.get().await.map_err(|e| e.to_string())?;
+                redis::pipe()
+                    .set(keys.watermark(), w)
+                    .ignore()
+                    .publish(keys.watermark_channel(), w)
+                    .ignore()
+                    .query_async::<()>(&mut *conn)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(Duration::from_secs(2), result)
                 .await
-                .map_err(|e| e.to_string())
-        };
-        if let Err(e) = tokio::time::timeout(Duration::from_millis(500), result)
-            .await
-            .unwrap_or_else(|_| Err("timed out".into()))
-        {
-            tracing::debug!(error = %e, "could not announce the watermark on Redis");
-        }
+                .unwrap_or_else(|_| Err("timed out".into()))
+            {
+                Ok(()) => a.confirmed.store(w, Relaxed),
+                Err(e) => tracing::debug!(error = %e, "could not announce the watermark on Redis"),
+            }
+            a.in_flight.store(false, Relaxed);
+        });
     }
 }
+
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
 /// The in-progress transaction ids of a `pg_snapshot` text (`xmin:xmax:xip,...`).
 fn parse_in_progress(snapshot: &str) -> Result<Vec<u64>, WatermarkError> {

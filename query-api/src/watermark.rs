@@ -55,6 +55,7 @@ pub fn spawn(
 }
 
 fn raise(tx: &watch::Sender<i64>, v: i64) {
+    tracing::trace!(v, "watermark seen");
     tx.send_if_modified(|w| {
         if v > *w {
             *w = v;
@@ -93,6 +94,7 @@ async fn subscribed(
         .await
         .map_err(timeout)??;
     pubsub.subscribe(keys.watermark_channel()).await?;
+    tracing::debug!(channel = %keys.watermark_channel(), "following the watermark");
     // What was announced before we subscribed.
     let mut conn = tokio::time::timeout(
         Duration::from_secs(1),
@@ -114,8 +116,10 @@ async fn subscribed(
                     raise(tx, w);
                 }
             }
-            // Announcements are fire-and-forget; the stored value is not.
+            // Announcements are fire-and-forget; the stored values are not.
+            // Once a second, read both (one cheap query per process).
             _ = safety.tick() => {
+                from_db(db, tx).await;
                 let v = tokio::time::timeout(Duration::from_millis(500), conn.get::<_, Option<i64>>(keys.watermark()))
                     .await
                     .map_err(timeout)??;

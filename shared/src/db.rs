@@ -31,10 +31,16 @@ pub fn pool_sized(
 ) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(url)?
         .application_name(app)
-        .options([(
-            "statement_timeout",
-            format!("{}ms", settings.db_statement_timeout.as_millis()),
-        )]);
+        .options([
+            (
+                "statement_timeout",
+                format!("{}ms", settings.db_statement_timeout.as_millis()),
+            ),
+            // Every query here is a short indexed lookup; JIT compilation
+            // (triggered by cost estimates, not by real cost) only adds
+            // milliseconds to each one.
+            ("jit", "off".to_string()),
+        ]);
     Ok(PgPoolOptions::new()
         .max_connections(size)
         .min_connections(0)

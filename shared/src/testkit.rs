@@ -6,7 +6,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
@@ -14,9 +14,9 @@ use std::{
 
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::broadcast,
+    sync::watch,
 };
 
 use crate::{db, Settings};
@@ -57,7 +57,7 @@ pub async fn isolated_settings() -> Settings {
     s.http_host = "127.0.0.1".into();
     s.http_port = 0;
     // Many stacks run at once; PostgreSQL's default is 100 connections.
-    s.db_pool_size = 3;
+    s.db_pool_size = 2;
     // A loaded CI machine is slow to open connections; fault tests that
     // measure the 503 latency set their own, production-like bound.
     s.db_acquire_timeout = std::time::Duration::from_secs(3);
@@ -138,89 +138,129 @@ pub async fn clone_database(server_url: &str, template: Template) -> String {
 
 /// What the proxy does with traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
 pub enum ProxyMode {
     /// Forward both ways.
-    Pass = 0,
-    /// Close every connection, existing and new (a dead server).
-    Reset = 1,
-    /// Accept, then never answer (a hung server, like SIGSTOP).
-    BlackHole = 2,
-    /// Forward, but hold each chunk for the configured delay.
-    Delay = 3,
+    Pass,
+    /// RST every live connection; new ones are accepted and reset (a dead server).
+    Reset,
+    /// Live connections stall and new ones are held unanswered (a hung
+    /// server, like SIGSTOP); back to `Pass`, the held traffic flows again.
+    BlackHole,
+    /// Forward, holding every chunk for the configured delay (both ways).
+    Delay,
+}
+
+impl ProxyMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyMode::Pass => "pass",
+            ProxyMode::Reset => "reset",
+            ProxyMode::BlackHole => "blackhole",
+            ProxyMode::Delay => "delay",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ProxyState {
+    mode: ProxyMode,
+    delay_ms: u64,
+    /// Bumped by every switch to `Reset`: connections of an older epoch die.
+    epoch: u64,
 }
 
 /// A TCP proxy between a service and one of its dependencies, for fault
-/// tests: cut it, hang it or slow it down while the test runs.
+/// tests: cut it, hang it or slow it down while the test runs. The chaos
+/// battery runs the same proxy as a process (`faultproxy`).
 pub struct TcpProxy {
     pub addr: SocketAddr,
-    mode: Arc<AtomicU8>,
-    delay_ms: Arc<std::sync::atomic::AtomicU64>,
-    cut: broadcast::Sender<()>,
+    state: Arc<watch::Sender<ProxyState>>,
+    live: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
 }
 
 impl TcpProxy {
+    /// On an ephemeral port of 127.0.0.1.
     pub async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy address");
-        let mode = Arc::new(AtomicU8::new(ProxyMode::Pass as u8));
-        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (cut, _) = broadcast::channel(4);
-        let (m, d, c) = (mode.clone(), delay_ms.clone(), cut.clone());
+        Self::start_on("127.0.0.1:0", &upstream.to_string())
+            .await
+            .expect("bind proxy")
+    }
+
+    pub async fn start_on(listen: &str, upstream: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = watch::channel(ProxyState {
+            mode: ProxyMode::Pass,
+            delay_ms: 0,
+            epoch: 0,
+        });
+        let live = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (l, a) = (live.clone(), accepted.clone());
+        let upstream: Arc<str> = upstream.into();
         tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let mode = m.load(Ordering::SeqCst);
-                let (d, m2, mut cut_rx) = (d.clone(), m.clone(), c.subscribe());
-                tokio::spawn(async move {
-                    match mode {
-                        x if x == ProxyMode::Reset as u8 => {
-                            drop(client);
-                        }
-                        x if x == ProxyMode::BlackHole as u8 => {
-                            // Held, unanswered, until the proxy is reset.
-                            let _ = cut_rx.recv().await;
-                            drop(client);
-                        }
-                        _ => {
-                            let Ok(server) = TcpStream::connect(upstream).await else {
-                                return;
-                            };
-                            let _ = client.set_nodelay(true);
-                            let _ = server.set_nodelay(true);
-                            tokio::select! {
-                                _ = pipe(client, server, d, m2) => {},
-                                _ = cut_rx.recv() => {},
-                            }
-                        }
+            loop {
+                let client = match listener.accept().await {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
                     }
+                };
+                a.fetch_add(1, Ordering::Relaxed);
+                let (rx, upstream, l) = (rx.clone(), upstream.clone(), l.clone());
+                tokio::spawn(async move {
+                    l.fetch_add(1, Ordering::Relaxed);
+                    handle(client, &upstream, rx).await;
+                    l.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         });
-        Self {
+        Ok(Self {
             addr,
-            mode,
-            delay_ms,
-            cut,
-        }
+            state: Arc::new(tx),
+            live,
+            accepted,
+        })
     }
 
-    /// Switches mode. `Reset` also drops the live connections; `BlackHole`
-    /// stalls them (nothing more is forwarded) and holds new ones; `Pass`
-    /// clears any delay.
+    /// Switches mode; `Pass` also clears any delay, `Reset` cuts live
+    /// connections.
     pub fn set_mode(&self, mode: ProxyMode) {
-        if mode == ProxyMode::Pass {
-            self.delay_ms.store(0, Ordering::SeqCst);
-        }
-        self.mode.store(mode as u8, Ordering::SeqCst);
-        if mode == ProxyMode::Reset {
-            let _ = self.cut.send(());
-        }
+        self.state.send_modify(|s| {
+            s.mode = mode;
+            if mode == ProxyMode::Pass {
+                s.delay_ms = 0;
+            }
+            if mode == ProxyMode::Reset {
+                s.epoch += 1;
+            }
+        });
     }
 
     pub fn set_delay(&self, delay: Duration) {
-        self.delay_ms
-            .store(delay.as_millis() as u64, Ordering::SeqCst);
-        self.set_mode(ProxyMode::Delay);
+        let ms = delay.as_millis() as u64;
+        self.state.send_modify(|s| {
+            s.delay_ms = ms;
+            s.mode = if ms == 0 {
+                ProxyMode::Pass
+            } else {
+                ProxyMode::Delay
+            };
+        });
+    }
+
+    /// `(mode, delay in ms, live connections, connections accepted)`.
+    pub fn status(&self) -> (ProxyMode, u64, u64, u64) {
+        let s = *self.state.borrow();
+        (
+            s.mode,
+            s.delay_ms,
+            self.live.load(Ordering::Relaxed),
+            self.accepted.load(Ordering::Relaxed),
+        )
     }
 
     /// `base` with host and port replaced by the proxy's.
@@ -253,43 +293,120 @@ pub async fn socket_addr(url: &str) -> SocketAddr {
         .expect("an address")
 }
 
-async fn pipe(
-    client: TcpStream,
-    server: TcpStream,
-    delay_ms: Arc<std::sync::atomic::AtomicU64>,
-    mode: Arc<AtomicU8>,
-) {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    let (d1, m1) = (delay_ms.clone(), mode.clone());
-    let up = async move { copy_delayed(&mut cr, &mut sw, d1, m1).await };
-    let down = async move { copy_delayed(&mut sr, &mut cw, delay_ms, mode).await };
-    tokio::select! { _ = up => {}, _ = down => {} }
+/// Closes with a RST rather than a FIN, as a dead server's kernel would.
+fn reset(s: TcpStream) {
+    let _ = s.set_zero_linger();
+    drop(s);
 }
 
-async fn copy_delayed(
+async fn handle(client: TcpStream, upstream: &str, mut rx: watch::Receiver<ProxyState>) {
+    // Decided at accept time; a held (black-holed) connection is decided
+    // again when the mode changes.
+    let epoch = loop {
+        let st = *rx.borrow_and_update();
+        match st.mode {
+            ProxyMode::Reset => return reset(client),
+            ProxyMode::BlackHole => {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+            ProxyMode::Pass | ProxyMode::Delay => break st.epoch,
+        }
+    };
+    let server =
+        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(upstream)).await {
+            Ok(Ok(s)) => s,
+            // Upstream down: the client sees its connection reset.
+            _ => return reset(client),
+        };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = pump(&mut cr, &mut sw, rx.clone(), epoch);
+    let down = pump(&mut sr, &mut cw, rx.clone(), epoch);
+    let outcome = tokio::select! { o = up => o, o = down => o };
+    if outcome == End::Reset {
+        if let (Ok(c), Ok(s)) = (cr.reunite(cw), sr.reunite(sw)) {
+            reset(c);
+            reset(s);
+        }
+    } else {
+        // One side closed: pass the FIN on to the other.
+        let _ = cw.shutdown().await;
+        let _ = sw.shutdown().await;
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum End {
+    Closed,
+    Reset,
+}
+
+/// Waits until a chunk may pass (honouring black hole and delay); `Err` when
+/// the connection must be reset.
+async fn gate(rx: &mut watch::Receiver<ProxyState>, epoch: u64) -> Result<(), End> {
+    loop {
+        let st = *rx.borrow_and_update();
+        if st.epoch != epoch || st.mode == ProxyMode::Reset {
+            return Err(End::Reset);
+        }
+        match st.mode {
+            ProxyMode::BlackHole => {
+                rx.changed().await.map_err(|_| End::Closed)?;
+            }
+            ProxyMode::Delay if st.delay_ms > 0 => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(st.delay_ms)) => return Ok(()),
+                    // A reset during the delay takes effect at once.
+                    r = rx.changed() => { r.map_err(|_| End::Closed)?; }
+                }
+                let st = *rx.borrow();
+                if st.epoch != epoch || st.mode == ProxyMode::Reset {
+                    return Err(End::Reset);
+                }
+                // Changed during the delay: pass lets the chunk go now.
+                if st.mode != ProxyMode::BlackHole && st.mode != ProxyMode::Delay {
+                    return Ok(());
+                }
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+async fn pump(
     r: &mut tokio::net::tcp::OwnedReadHalf,
     w: &mut tokio::net::tcp::OwnedWriteHalf,
-    delay_ms: Arc<std::sync::atomic::AtomicU64>,
-    mode: Arc<AtomicU8>,
-) {
-    use tokio::io::AsyncReadExt;
+    mut rx: watch::Receiver<ProxyState>,
+    epoch: u64,
+) -> End {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let n = loop {
+            tokio::select! {
+                res = r.read(&mut buf) => match res {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(n) => break n,
+                },
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return End::Closed;
+                    }
+                    let st = *rx.borrow();
+                    if st.epoch != epoch || st.mode == ProxyMode::Reset {
+                        return End::Reset;
+                    }
+                }
+            }
         };
-        // A hung peer: what arrives is held, not forwarded.
-        while mode.load(Ordering::SeqCst) == ProxyMode::BlackHole as u8 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let d = delay_ms.load(Ordering::SeqCst);
-        if d > 0 {
-            tokio::time::sleep(Duration::from_millis(d)).await;
+        if let Err(e) = gate(&mut rx, epoch).await {
+            return e;
         }
         if w.write_all(&buf[..n]).await.is_err() {
-            return;
+            return End::Closed;
         }
     }
 }

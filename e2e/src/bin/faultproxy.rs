@@ -22,57 +22,17 @@
 //! | `/delay/MS`      | forward, holding every chunk MS milliseconds (both ways)      |
 //! | `/status`        | `{"mode":..,"delay_ms":..,"live":..,"accepted":..}`           |
 //!
-//! Same modes as `shared::testkit::TcpProxy`, but on a fixed port, as its own
-//! process, and with a black hole that stalls live connections instead of
-//! closing them (a hung server keeps its sockets open).
+//! The proxy itself is `shared::testkit::TcpProxy`, the one the Rust tests
+//! use; this binary gives it a fixed port and a control port.
 
-use std::{
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+use shared::testkit::{ProxyMode, TcpProxy};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::watch,
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Pass,
-    Reset,
-    BlackHole,
-    Delay,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Pass => "pass",
-            Mode::Reset => "reset",
-            Mode::BlackHole => "blackhole",
-            Mode::Delay => "delay",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct State {
-    mode: Mode,
-    delay_ms: u64,
-    /// Bumped by every switch to `reset`: connections of an older epoch die.
-    epoch: u64,
-}
-
-#[derive(Default)]
-struct Counters {
-    live: AtomicU64,
-    accepted: AtomicU64,
-}
 
 struct Args {
     listen: String,
@@ -121,22 +81,15 @@ fn parse_args() -> anyhow::Result<Args> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let listener = TcpListener::bind(&args.listen)
+    let proxy = TcpProxy::start_on(&args.listen, &args.upstream)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
     let control = TcpListener::bind(&args.control)
         .await
         .with_context(|| format!("bind {}", args.control))?;
-    let (tx, rx) = watch::channel(State {
-        mode: Mode::Pass,
-        delay_ms: 0,
-        epoch: 0,
-    });
-    let tx = Arc::new(tx);
-    let counters = Arc::new(Counters::default());
     println!(
         "faultproxy listen={} control={} upstream={}",
-        listener.local_addr()?,
+        proxy.addr,
         control.local_addr()?,
         args.upstream
     );
@@ -144,184 +97,38 @@ async fn main() -> anyhow::Result<()> {
         use std::io::Write;
         std::io::stdout().flush().ok();
     }
-
-    let (tx2, c2) = (tx.clone(), counters.clone());
-    tokio::spawn(async move {
-        while let Ok((s, _)) = control.accept().await {
-            let (tx, c) = (tx2.clone(), c2.clone());
-            tokio::spawn(async move {
-                let _ = serve_control(s, &tx, &c).await;
-            });
-        }
-    });
-
-    let upstream: Arc<str> = args.upstream.into();
+    let proxy = std::sync::Arc::new(proxy);
     loop {
-        let (client, _) = match listener.accept().await {
+        let (s, _) = match control.accept().await {
             Ok(c) => c,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                eprintln!("faultproxy: accept failed: {e}");
+            Err(_) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        counters.accepted.fetch_add(1, Ordering::Relaxed);
-        let (rx, upstream, counters) = (rx.clone(), upstream.clone(), counters.clone());
+        let p = proxy.clone();
         tokio::spawn(async move {
-            counters.live.fetch_add(1, Ordering::Relaxed);
-            handle(client, &upstream, rx).await;
-            counters.live.fetch_sub(1, Ordering::Relaxed);
+            let _ = serve_control(s, &p).await;
         });
     }
 }
 
-/// Closes with a RST rather than a FIN, as a dead server's kernel would.
-fn reset(s: TcpStream) {
-    let _ = s.set_zero_linger();
-    drop(s);
-}
-
-async fn handle(client: TcpStream, upstream: &str, mut rx: watch::Receiver<State>) {
-    // Decide at accept time; a held (black-holed) connection is decided again
-    // when the mode changes.
-    let epoch = loop {
-        let st = *rx.borrow_and_update();
-        match st.mode {
-            Mode::Reset => return reset(client),
-            Mode::BlackHole => {
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-            Mode::Pass | Mode::Delay => break st.epoch,
-        }
-    };
-    let server =
-        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(upstream)).await {
-            Ok(Ok(s)) => s,
-            // Upstream down: the client sees its connection reset.
-            _ => return reset(client),
-        };
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    let up = pump(&mut cr, &mut sw, rx.clone(), epoch);
-    let down = pump(&mut sr, &mut cw, rx.clone(), epoch);
-    let outcome = tokio::select! { o = up => o, o = down => o };
-    if outcome == End::Reset {
-        if let (Ok(c), Ok(s)) = (cr.reunite(cw), sr.reunite(sw)) {
-            reset(c);
-            reset(s);
-        }
-    } else {
-        // One side closed: pass the FIN on to the other.
-        let _ = cw.shutdown().await;
-        let _ = sw.shutdown().await;
-    }
-}
-
-#[derive(PartialEq, Eq)]
-enum End {
-    Closed,
-    Reset,
-}
-
-/// Waits until traffic may flow for a chunk (honouring black hole and delay);
-/// `Err` when the connection must be reset.
-async fn gate(rx: &mut watch::Receiver<State>, epoch: u64) -> Result<(), End> {
-    loop {
-        let st = *rx.borrow_and_update();
-        if st.epoch != epoch || st.mode == Mode::Reset {
-            return Err(End::Reset);
-        }
-        match st.mode {
-            Mode::BlackHole => {
-                rx.changed().await.map_err(|_| End::Closed)?;
-            }
-            Mode::Delay if st.delay_ms > 0 => {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(st.delay_ms)) => return Ok(()),
-                    // A reset during the delay takes effect at once.
-                    r = rx.changed() => { r.map_err(|_| End::Closed)?; }
-                }
-                let st = *rx.borrow();
-                if st.epoch != epoch || st.mode == Mode::Reset {
-                    return Err(End::Reset);
-                }
-                // Mode changed during the delay: re-evaluate (a shorter delay
-                // or pass lets the chunk go now).
-                if st.mode != Mode::BlackHole && st.mode != Mode::Delay {
-                    return Ok(());
-                }
-            }
-            _ => return Ok(()),
-        }
-    }
-}
-
-async fn pump(
-    r: &mut tokio::net::tcp::OwnedReadHalf,
-    w: &mut tokio::net::tcp::OwnedWriteHalf,
-    mut rx: watch::Receiver<State>,
-    epoch: u64,
-) -> End {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = loop {
-            tokio::select! {
-                res = r.read(&mut buf) => match res {
-                    Ok(0) | Err(_) => return End::Closed,
-                    Ok(n) => break n,
-                },
-                changed = rx.changed() => {
-                    if changed.is_err() {
-                        return End::Closed;
-                    }
-                    let st = *rx.borrow();
-                    if st.epoch != epoch || st.mode == Mode::Reset {
-                        return End::Reset;
-                    }
-                }
-            }
-        };
-        if let Err(e) = gate(&mut rx, epoch).await {
-            return e;
-        }
-        if w.write_all(&buf[..n]).await.is_err() {
-            return End::Closed;
-        }
-    }
-}
-
-fn apply(tx: &watch::Sender<State>, path: &str) -> Result<(), String> {
+fn apply(proxy: &TcpProxy, path: &str) -> Result<(), String> {
     let parts: Vec<&str> = path.split(['/', ' ']).filter(|s| !s.is_empty()).collect();
     match parts.as_slice() {
         ["mode", m] => {
             let mode = match *m {
-                "pass" => Mode::Pass,
-                "reset" => Mode::Reset,
-                "blackhole" | "black-hole" | "hang" => Mode::BlackHole,
+                "pass" => ProxyMode::Pass,
+                "reset" => ProxyMode::Reset,
+                "blackhole" | "black-hole" | "hang" => ProxyMode::BlackHole,
                 other => return Err(format!("unknown mode {other:?}")),
             };
-            tx.send_modify(|s| {
-                s.mode = mode;
-                if mode == Mode::Pass {
-                    s.delay_ms = 0;
-                }
-                if mode == Mode::Reset {
-                    s.epoch += 1;
-                }
-            });
+            proxy.set_mode(mode);
             Ok(())
         }
         ["delay", ms] => {
             let ms: u64 = ms.parse().map_err(|_| format!("bad delay {ms:?}"))?;
-            tx.send_modify(|s| {
-                s.delay_ms = ms;
-                s.mode = if ms == 0 { Mode::Pass } else { Mode::Delay };
-            });
+            proxy.set_delay(Duration::from_millis(ms));
             Ok(())
         }
         ["status"] | [] => Ok(()),
@@ -329,22 +136,15 @@ fn apply(tx: &watch::Sender<State>, path: &str) -> Result<(), String> {
     }
 }
 
-fn status(tx: &watch::Sender<State>, c: &Counters) -> String {
-    let st = *tx.borrow();
+fn status(proxy: &TcpProxy) -> String {
+    let (mode, delay_ms, live, accepted) = proxy.status();
     format!(
-        "{{\"mode\":\"{}\",\"delay_ms\":{},\"live\":{},\"accepted\":{}}}\n",
-        st.mode.name(),
-        st.delay_ms,
-        c.live.load(Ordering::Relaxed),
-        c.accepted.load(Ordering::Relaxed)
+        "{{\"mode\":\"{}\",\"delay_ms\":{delay_ms},\"live\":{live},\"accepted\":{accepted}}}\n",
+        mode.name()
     )
 }
 
-async fn serve_control(
-    mut s: TcpStream,
-    tx: &watch::Sender<State>,
-    c: &Counters,
-) -> std::io::Result<()> {
+async fn serve_control(mut s: TcpStream, proxy: &TcpProxy) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     // The request head (HTTP) or one line (bare protocol), bounded.
@@ -380,20 +180,10 @@ async fn serve_control(
         [_method, path, version] if version.starts_with("HTTP/") => (true, path.to_string()),
         _ => (false, first.clone()),
     };
-    let before = *tx.borrow();
-    let (code, body) = match apply(tx, &path) {
-        Ok(()) => (200, status(tx, c)),
+    let (code, body) = match apply(proxy, &path) {
+        Ok(()) => (200, status(proxy)),
         Err(e) => (400, format!("{{\"error\":\"{}\"}}\n", e.replace('"', "'"))),
     };
-    let after = *tx.borrow();
-    if before.mode != after.mode || before.delay_ms != after.delay_ms || before.epoch != after.epoch
-    {
-        eprintln!(
-            "faultproxy: mode {} (delay {} ms)",
-            after.mode.name(),
-            after.delay_ms
-        );
-    }
     if http {
         let reason = if code == 200 { "OK" } else { "Bad Request" };
         let head = format!(
