@@ -85,7 +85,9 @@ impl TestApp {
             .expect("amqp");
         let ch = conn.create_channel().await.unwrap();
         // The relay declares the queue once it connects; do not race it.
-        shared::amqp::declare_topology(&ch, &self.settings).await.unwrap();
+        shared::amqp::declare_topology(&ch, &self.settings)
+            .await
+            .unwrap();
         let deadline = Instant::now() + within;
         let mut out = Vec::new();
         while out.len() < n && Instant::now() < deadline {

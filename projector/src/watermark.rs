@@ -144,7 +144,7 @@ impl Tracker {
                 lock_checked = Instant::now();
             }
             let pause = if busy {
-                Duration::from_millis(2)
+                Duration::from_millis(4)
             } else {
                 self.idle_interval
             };
@@ -183,12 +183,20 @@ impl Tracker {
         // databases cannot hold our seqs, so they are not waited for. (Without
         // the privilege to see other roles' sessions this list is empty, and
         // the wait is merely longer, never wrong.)
-        let (snapshot, foreign): (String, Vec<String>) = sqlx::query_as(
-            "SELECT pg_current_snapshot()::text, ARRAY(SELECT backend_xid::text FROM pg_stat_activity \
-             WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database())",
-        )
-        .fetch_one(&self.write)
-        .await?;
+        let (snapshot, foreign): (String, Vec<String>) = if horizon.is_some() {
+            sqlx::query_as(
+                "SELECT pg_current_snapshot()::text, ARRAY(SELECT backend_xid::text FROM pg_stat_activity \
+                 WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database())",
+            )
+            .fetch_one(&self.write)
+            .await?
+        } else {
+            // Only settling older entries: the snapshot alone tells.
+            let snap: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+                .fetch_one(&self.write)
+                .await?;
+            (snap, Vec::new())
+        };
         let running = parse_in_progress(&snapshot)?;
         if let Some(h) = horizon {
             let foreign: HashSet<u64> = foreign.iter().filter_map(|x| x.parse().ok()).collect();
