@@ -180,7 +180,7 @@ async fn publish_round(
     }
     let records: Vec<Record> = rows
         .iter()
-        .map(crate::store::record_from_row)
+        .map(shared::db::record_from_row)
         .collect::<Result<_, _>>()?;
 
     let mut confirms = Vec::with_capacity(records.len() / settings.relay_message_records + 1);

@@ -3,8 +3,6 @@
 //! together, so a crash can never leave a record without its outbox row or a
 //! key without its records.
 
-use chrono::{DateTime, Utc};
-use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use shared::{db, ApiError, FieldError, NewRecord, Record};
 use sqlx::{PgPool, Row};
@@ -144,21 +142,10 @@ pub async fn fetch_by_ids(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Record>, Ap
     .bind(ids)
     .fetch_all(pool)
     .await?;
-    rows.iter().map(record_from_row).collect()
-}
-
-pub fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<Record, ApiError> {
-    let payload: String = row.try_get("payload")?;
-    Ok(Record {
-        seq: row.try_get("seq")?,
-        id: row.try_get("id")?,
-        kind: row.try_get("kind")?,
-        key: row.try_get("key")?,
-        payload: RawValue::from_string(payload).map_err(|e| {
-            ApiError::unavailable("postgres", format!("stored payload is not JSON: {e}"))
-        })?,
-        created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
-    })
+    Ok(rows
+        .iter()
+        .map(db::record_from_row)
+        .collect::<Result<_, _>>()?)
 }
 
 /// Data errors (class 22: a value PostgreSQL cannot store) are the client's

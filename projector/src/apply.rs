@@ -106,19 +106,5 @@ pub async fn fetch_from_write_log(
     .bind(seqs)
     .fetch_all(write_pool)
     .await?;
-    rows.iter().map(record_from_row).collect()
-}
-
-pub fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<Record, sqlx::Error> {
-    use sqlx::Row;
-    let payload: String = row.try_get("payload")?;
-    Ok(Record {
-        seq: row.try_get("seq")?,
-        id: row.try_get("id")?,
-        kind: row.try_get("kind")?,
-        key: row.try_get("key")?,
-        payload: serde_json::value::RawValue::from_string(payload)
-            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-        created_at: row.try_get("created_at")?,
-    })
+    rows.iter().map(shared::db::record_from_row).collect()
 }

@@ -15,7 +15,9 @@ use std::time::Instant;
 
 use shared::{db, Record, Settings};
 
-use crate::apply::{insert_read_model, record_from_row};
+use shared::db::record_from_row;
+
+use crate::apply::insert_read_model;
 
 const CHUNK: i64 = 10_000;
 

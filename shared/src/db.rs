@@ -98,3 +98,19 @@ where
         )),
     }
 }
+
+/// A record from a write-log row with the columns `seq, id, kind, key,
+/// payload` (as text) and `created_at`.
+pub fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<crate::Record, sqlx::Error> {
+    use sqlx::Row;
+    let payload: String = row.try_get("payload")?;
+    Ok(crate::Record {
+        seq: row.try_get("seq")?,
+        id: row.try_get("id")?,
+        kind: row.try_get("kind")?,
+        key: row.try_get("key")?,
+        payload: serde_json::value::RawValue::from_string(payload)
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        created_at: row.try_get("created_at")?,
+    })
+}
