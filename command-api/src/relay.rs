@@ -125,7 +125,20 @@ async fn drain(
             floor.seq = 0;
             floor.last_sweep = std::time::Instant::now();
         }
-        let (published, highest) = publish_round(pool, channel, settings, floor.seq).await?;
+        let (published, highest) = match publish_round(pool, channel, settings, floor.seq).await {
+            Ok(r) => r,
+            // PostgreSQL trouble is no reason to drop the broker connection:
+            // wait and try again on the same channel.
+            Err(RelayError::Db(e)) => {
+                tracing::warn!(error = %e, "relay cannot read the outbox; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.wait() => return Ok(()),
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if published as i64 >= settings.relay_batch_size {
             floor.seq = highest;
             continue; // more is waiting
