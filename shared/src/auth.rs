@@ -126,7 +126,11 @@ impl Verifier {
     }
 
     /// The caller behind an `Authorization` header value, if it carries `scope`.
-    pub fn verify(&self, authorization: Option<&str>, scope: &str) -> Result<Caller, ApiError> {
+    pub fn verify(
+        &self,
+        authorization: Option<&str>,
+        scope: &'static str,
+    ) -> Result<Caller, ApiError> {
         let Some((key, validation)) = &self.key else {
             return Ok(Caller {
                 subject: "anonymous".into(),
@@ -156,11 +160,7 @@ impl Verifier {
                 .as_ref()
                 .is_some_and(|v| v.iter().any(|x| x == scope));
         if !has {
-            return Err(ApiError::Forbidden(if scope == SCOPE_WRITE {
-                SCOPE_WRITE
-            } else {
-                SCOPE_READ
-            }));
+            return Err(ApiError::Forbidden(scope));
         }
         Ok(Caller {
             subject: claims.sub,
