@@ -123,28 +123,7 @@ impl Stack {
     }
 
     fn spawn_projector_process(&self) -> tokio::process::Child {
-        let s = &self.settings;
-        tokio::process::Command::new(binary("projector"))
-            .env("DATABASE_URL", &s.database_url)
-            .env("READ_DATABASE_URLS", s.read_database_urls.join(","))
-            .env("AMQP_URL", &s.amqp_url)
-            .env("AMQP_EXCHANGE", &s.amqp_exchange)
-            .env("AMQP_QUEUE", &s.amqp_queue)
-            .env(
-                "AMQP_QUEUE_EXPIRES_MS",
-                s.amqp_queue_expires_ms.unwrap_or(600_000).to_string(),
-            )
-            .env("REDIS_URL", &s.redis_url)
-            .env("REDIS_PREFIX", &s.redis_prefix)
-            .env("CATCHUP_AFTER_MS", s.catchup_after.as_millis().to_string())
-            .env("HTTP_HOST", "127.0.0.1")
-            .env("HTTP_PORT", "0")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
+        service_process("projector", &self.settings, 0)
             .spawn()
             .expect("start the projector binary (cargo build --workspace --bins first)")
     }
@@ -238,6 +217,35 @@ impl Stack {
             s.stop(true).await;
         }
     }
+}
+
+/// A service binary configured as `settings` say, on `port` (0: any), with
+/// authentication off, killed when dropped.
+pub fn service_process(name: &str, s: &Settings, port: u16) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary(name));
+    cmd.env("DATABASE_URL", &s.database_url)
+        .env("READ_DATABASE_URLS", s.read_database_urls.join(","))
+        .env("AMQP_URL", &s.amqp_url)
+        .env("AMQP_EXCHANGE", &s.amqp_exchange)
+        .env("AMQP_QUEUE", &s.amqp_queue)
+        .env(
+            "AMQP_QUEUE_EXPIRES_MS",
+            s.amqp_queue_expires_ms.unwrap_or(600_000).to_string(),
+        )
+        .env("REDIS_URL", &s.redis_url)
+        .env("REDIS_PREFIX", &s.redis_prefix)
+        .env("CATCHUP_AFTER_MS", s.catchup_after.as_millis().to_string())
+        .env("DB_POOL_SIZE", s.db_pool_size.to_string())
+        .env("AUTH_DISABLED", "true")
+        .env("HTTP_HOST", "127.0.0.1")
+        .env("HTTP_PORT", port.to_string())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
 }
 
 /// A workspace binary next to the test executable (target/<profile>/).

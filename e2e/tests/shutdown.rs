@@ -2,12 +2,9 @@
 //! projector its current batch, acknowledged) and exits 0 well inside the
 //! Kubernetes grace period.
 
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use e2e::{binary, Stack};
+use e2e::Stack;
 use serde_json::json;
 
 fn free_port() -> u16 {
@@ -19,22 +16,7 @@ fn free_port() -> u16 {
 }
 
 fn spawn(name: &str, s: &shared::Settings, port: u16) -> tokio::process::Child {
-    tokio::process::Command::new(binary(name))
-        .env("DATABASE_URL", &s.database_url)
-        .env("READ_DATABASE_URLS", s.read_database_urls.join(","))
-        .env("AMQP_URL", &s.amqp_url)
-        .env("AMQP_EXCHANGE", &s.amqp_exchange)
-        .env("AMQP_QUEUE", &s.amqp_queue)
-        .env("AMQP_QUEUE_EXPIRES_MS", "600000")
-        .env("REDIS_URL", &s.redis_url)
-        .env("REDIS_PREFIX", &s.redis_prefix)
-        .env("AUTH_DISABLED", "true")
-        .env("DB_POOL_SIZE", "3")
-        .env("HTTP_HOST", "127.0.0.1")
-        .env("HTTP_PORT", port.to_string())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
+    e2e::service_process(name, s, port)
         .spawn()
         .expect("service binary (cargo build --workspace --bins)")
 }

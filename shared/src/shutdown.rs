@@ -31,18 +31,3 @@ impl Shutdown {
         let _ = self.rx.wait_for(|v| *v).await;
     }
 }
-
-/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-pub async fn signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-}
