@@ -1,19 +1,29 @@
-//! The outbox relay: publishes committed records to RabbitMQ and only then
-//! deletes their outbox rows. Each replica runs one; `FOR UPDATE SKIP LOCKED`
-//! lets replicas share the outbox without publishing a row twice at once.
+//! The outbox relay: gets committed records to RabbitMQ, and only then deletes
+//! their outbox rows. Delivery is at least once; the projector's apply is
+//! idempotent.
 //!
-//! A round: lock up to `RELAY_BATCH_SIZE` outbox rows (oldest first), publish
-//! them as messages of up to `RELAY_MESSAGE_RECORDS` records each, wait for
-//! every publisher confirm, delete the rows, commit. If anything fails the
-//! transaction rolls back and the rows are published again later: delivery
-//! is at least once, and the projector's apply is idempotent.
+//! Two ways out, one guarantee:
+//!
+//! - **Fast path.** The request handler hands what it just committed to this
+//!   process's relay over a bounded channel. The relay publishes it as it
+//!   comes (no read-back from PostgreSQL, and nothing waits for a poll or for
+//!   a lower seq that commits late), waits for the publisher confirms, then
+//!   deletes the outbox rows. The handler never waits for any of this: a full
+//!   channel or a relay without a broker just leaves the rows to the sweep.
+//! - **Sweep.** Every `RELAY_POLL_INTERVAL_MS` the relay locks outbox rows
+//!   older than `RELAY_SWEEP_AFTER_MS` (`FOR UPDATE SKIP LOCKED`, so replicas
+//!   share the work), publishes them, waits for the confirms, deletes them and
+//!   commits. That covers everything the fast path did not: rows of a replica
+//!   that died after its commit, rows held back while the broker was away,
+//!   and rows written by anyone else. A row is never deleted before RabbitMQ
+//!   confirmed it, so the outbox alone is what makes the write path lossless.
 
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lapin::{
@@ -23,7 +33,7 @@ use lapin::{
 };
 use shared::{amqp, bus, shutdown::Shutdown, Record, Settings};
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 
 #[derive(Default)]
 pub struct RelayStatus {
@@ -34,6 +44,28 @@ impl RelayStatus {
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
+}
+
+/// The request handlers' end of the fast path.
+#[derive(Clone)]
+pub struct RelayHandle(mpsc::Sender<Vec<Record>>);
+
+/// Committed batches waiting for the relay; beyond this the sweep takes over.
+const FAST_PATH_CAPACITY: usize = 4_096;
+/// Batches taken off the channel per round (one round, one set of confirms).
+const FAST_PATH_BATCHES: usize = 256;
+
+impl RelayHandle {
+    /// Never blocks: when the relay cannot keep up or has no broker, the
+    /// records are already in the outbox and the sweep publishes them.
+    pub fn committed(&self, records: Vec<Record>) {
+        let _ = self.0.try_send(records);
+    }
+}
+
+pub fn fast_path() -> (RelayHandle, mpsc::Receiver<Vec<Record>>) {
+    let (tx, rx) = mpsc::channel(FAST_PATH_CAPACITY);
+    (RelayHandle(tx), rx)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +89,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(
     pool: PgPool,
     settings: Settings,
-    wake: Arc<Notify>,
+    mut fresh: mpsc::Receiver<Vec<Record>>,
     status: Arc<RelayStatus>,
     mut shutdown: Shutdown,
 ) {
@@ -68,7 +100,7 @@ pub async fn run(
                 status.connected.store(true, Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
                 tracing::info!("relay connected to RabbitMQ");
-                if let Err(e) = drain(&pool, &channel, &settings, &wake, &mut shutdown).await {
+                if let Err(e) = serve(&pool, &channel, &settings, &mut fresh, &mut shutdown).await {
                     tracing::warn!(error = %e, "relay round failed; will retry");
                 }
                 status.connected.store(false, Ordering::Relaxed);
@@ -80,6 +112,9 @@ pub async fn run(
                 tracing::warn!(error = %e, "relay cannot reach RabbitMQ; records wait in the outbox")
             }
         }
+        // Without a broker the fast path has nowhere to go; what it holds is
+        // in the outbox, and the sweep publishes it once the broker is back.
+        while fresh.try_recv().is_ok() {}
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.wait() => {}
@@ -98,94 +133,122 @@ async fn connect(settings: &Settings) -> Result<(lapin::Connection, Channel), Re
     Ok((conn, channel))
 }
 
-/// Where a round starts looking. Rounds normally start above the highest
-/// seq this relay published (the index range then skips the dead entries of
-/// rows already deleted); a sweep from the start finds rows that committed
-/// late with a lower seq, or that another replica gave up on.
-struct Floor {
-    seq: i64,
-    last_sweep: std::time::Instant,
-}
-
-const SWEEP_EVERY: Duration = Duration::from_millis(500);
-
-async fn drain(
+async fn serve(
     pool: &PgPool,
     channel: &Channel,
     settings: &Settings,
-    wake: &Notify,
+    fresh: &mut mpsc::Receiver<Vec<Record>>,
     shutdown: &mut Shutdown,
 ) -> Result<(), RelayError> {
-    let mut floor = Floor {
-        seq: 0,
-        last_sweep: std::time::Instant::now(),
-    };
+    // A sweep at once: whatever waited while this relay was away.
+    let mut next_sweep = Instant::now();
+    let mut batches = Vec::with_capacity(FAST_PATH_BATCHES);
     loop {
-        if floor.last_sweep.elapsed() >= SWEEP_EVERY {
-            floor.seq = 0;
-            floor.last_sweep = std::time::Instant::now();
-        }
-        let (published, highest) = match publish_round(pool, channel, settings, floor.seq).await {
-            Ok(r) => r,
-            // PostgreSQL trouble is no reason to drop the broker connection:
-            // wait and try again on the same channel.
-            Err(RelayError::Db(e)) => {
-                tracing::warn!(error = %e, "relay cannot read the outbox; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = shutdown.wait() => return Ok(()),
-                }
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        if published as i64 >= settings.relay_batch_size {
-            floor.seq = highest;
-            continue; // more is waiting
-        }
-        if published == 0 && floor.seq > 0 {
-            // Nothing above the floor: look below it once before resting.
-            floor.seq = 0;
-            floor.last_sweep = std::time::Instant::now();
-            if publish_round(pool, channel, settings, 0).await?.0 > 0 {
-                continue;
-            }
-        } else if published > 0 {
-            floor.seq = highest;
-        }
-        if shutdown.is_triggered() {
-            return Ok(());
-        }
-        // Committed by this process: woken at once. By another replica or a
-        // process that died after its commit: found at the next poll.
         tokio::select! {
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(settings.relay_poll_interval) => {}
+            biased;
             _ = shutdown.wait() => {
-                // One last round so that what was just committed leaves now.
-                publish_round(pool, channel, settings, 0).await?;
+                // Requests have finished: publish what they committed, then
+                // everything left in the outbox, whatever its age.
+                while let Ok(b) = fresh.try_recv() {
+                    batches.push(b);
+                }
+                publish_fresh(pool, channel, settings, &mut batches).await?;
+                sweep(pool, channel, settings, Duration::ZERO).await?;
                 return Ok(());
+            }
+            n = fresh.recv_many(&mut batches, FAST_PATH_BATCHES) => {
+                if n == 0 {
+                    return Ok(()); // every handle dropped: the app is gone
+                }
+                publish_fresh(pool, channel, settings, &mut batches).await?;
+            }
+            _ = tokio::time::sleep_until(next_sweep.into()) => {
+                match sweep(pool, channel, settings, settings.relay_sweep_after).await {
+                    Ok(_) => {}
+                    // PostgreSQL trouble is no reason to drop the broker
+                    // connection: the next sweep tries again.
+                    Err(RelayError::Db(e)) => {
+                        tracing::warn!(error = %e, "relay cannot read the outbox; retrying");
+                    }
+                    Err(e) => return Err(e),
+                }
+                next_sweep = Instant::now() + settings.relay_poll_interval;
             }
         }
     }
 }
 
-/// Publishes up to `RELAY_BATCH_SIZE` outbox rows above `floor`; returns how
-/// many and the highest seq among them.
-async fn publish_round(
+/// The fast path: publish what handlers just committed, then delete their
+/// outbox rows (those a sweep holds are the sweep's to delete).
+async fn publish_fresh(
+    pool: &PgPool,
+    channel: &Channel,
+    settings: &Settings,
+    batches: &mut Vec<Vec<Record>>,
+) -> Result<(), RelayError> {
+    if batches.is_empty() {
+        return Ok(());
+    }
+    let mut records: Vec<Record> = batches.drain(..).flatten().collect();
+    // Messages carry records in seq order (see shared::bus).
+    records.sort_unstable_by_key(|r| r.seq);
+    publish(channel, settings, &records).await?;
+    let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
+    if let Err(e) = sqlx::query(
+        "DELETE FROM outbox WHERE seq IN \
+         (SELECT seq FROM outbox WHERE seq = ANY($1) FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(&seqs)
+    .execute(pool)
+    .await
+    {
+        // Published but still in the outbox: the sweep publishes them again
+        // (a duplicate the projector ignores). Never a loss.
+        tracing::warn!(error = %e, records = seqs.len(), "could not clear relayed outbox rows");
+    }
+    tracing::debug!(records = seqs.len(), "relayed (fast path)");
+    Ok(())
+}
+
+/// Publishes every outbox row at least `min_age` old, in rounds of up to
+/// `RELAY_BATCH_SIZE`; returns how many.
+async fn sweep(
+    pool: &PgPool,
+    channel: &Channel,
+    settings: &Settings,
+    min_age: Duration,
+) -> Result<usize, RelayError> {
+    // Each round starts above the last one's highest seq, so a long backlog
+    // is not rescanned through the dead index entries of rows just deleted.
+    let mut floor = 0;
+    let mut total = 0;
+    loop {
+        let (n, highest) = sweep_round(pool, channel, settings, floor, min_age).await?;
+        total += n;
+        if (n as i64) < settings.relay_batch_size {
+            return Ok(total);
+        }
+        floor = highest;
+    }
+}
+
+async fn sweep_round(
     pool: &PgPool,
     channel: &Channel,
     settings: &Settings,
     floor: i64,
+    min_age: Duration,
 ) -> Result<(usize, i64), RelayError> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
         "SELECT r.seq, r.id, r.kind, r.key, r.payload::text AS payload, r.created_at \
-         FROM (SELECT seq FROM outbox WHERE seq > $2 ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) o \
+         FROM (SELECT seq FROM outbox WHERE seq > $2 AND at <= now() - make_interval(secs => $3) \
+               ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) o \
          JOIN records r ON r.seq = o.seq ORDER BY r.seq",
     )
     .bind(settings.relay_batch_size)
     .bind(floor)
+    .bind(min_age.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
@@ -195,12 +258,29 @@ async fn publish_round(
         .iter()
         .map(shared::db::record_from_row)
         .collect::<Result<_, _>>()?;
+    publish(channel, settings, &records).await?;
+    let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
+    sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
+        .bind(&seqs)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::debug!(records = seqs.len(), "relayed (sweep)");
+    Ok((seqs.len(), seqs.last().copied().unwrap_or(floor)))
+}
 
+/// Publishes `records` as messages of up to `RELAY_MESSAGE_RECORDS` and
+/// returns once RabbitMQ has confirmed every one of them.
+async fn publish(
+    channel: &Channel,
+    settings: &Settings,
+    records: &[Record],
+) -> Result<(), RelayError> {
     let mut confirms = Vec::with_capacity(records.len() / settings.relay_message_records + 1);
     for chunk in records.chunks(settings.relay_message_records.max(1)) {
-        let body = serde_json::to_vec(&bus::RecordsMessage {
+        let body = serde_json::to_vec(&bus::RecordsMessageRef {
             v: bus::MESSAGE_VERSION,
-            records: chunk.to_vec(),
+            records: chunk,
         })
         .map_err(|_| RelayError::Refused("unserialisable"))?;
         let props = BasicProperties::default()
@@ -235,12 +315,5 @@ async fn publish_round(
             Confirmation::NotRequested => return Err(RelayError::Refused("confirms not enabled")),
         }
     }
-    let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
-    sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
-        .bind(&seqs)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    tracing::debug!(records = seqs.len(), "relayed");
-    Ok((seqs.len(), seqs.last().copied().unwrap_or(floor)))
+    Ok(())
 }

@@ -5,14 +5,14 @@ use std::{net::TcpListener, sync::Arc, time::Duration};
 use actix_web::{dev::Server, middleware::from_fn, web, App, HttpServer};
 use shared::{db, http, shutdown, telemetry, Settings};
 use sqlx::PgPool;
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::task::JoinHandle;
 
-use crate::relay::{self, RelayStatus};
+use crate::relay::{self, RelayHandle, RelayStatus};
 
 pub struct AppState {
     pub pool: PgPool,
     pub db_timeout: Duration,
-    pub relay_wake: Arc<Notify>,
+    pub relay: RelayHandle,
     pub relay_status: Arc<RelayStatus>,
 }
 
@@ -29,13 +29,13 @@ impl Application {
         if settings.run_migrations {
             db::migrate_with_retry(&db::WRITE_MIGRATOR, &pool).await?;
         }
-        let relay_wake = Arc::new(Notify::new());
+        let (relay_handle, fresh) = relay::fast_path();
         let relay_status = Arc::new(RelayStatus::default());
         let (stop_relay, stopped) = shutdown::channel();
         let relay = tokio::spawn(relay::run(
             pool.clone(),
             settings.clone(),
-            relay_wake.clone(),
+            fresh,
             relay_status.clone(),
             stopped,
         ));
@@ -45,7 +45,7 @@ impl Application {
         let state = web::Data::new(AppState {
             pool,
             db_timeout: settings.db_request_timeout,
-            relay_wake,
+            relay: relay_handle,
             relay_status,
         });
         let limit = http::InFlightLimit::new(settings.max_in_flight);

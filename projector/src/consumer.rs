@@ -72,29 +72,58 @@ async fn consume(
     shutdown: &mut Shutdown,
 ) -> Result<(), ConsumeError> {
     let conn = amqp::connect(&settings.amqp_url, Duration::from_secs(5)).await?;
-    let channel = conn.create_channel().await?;
-    amqp::declare_topology(&channel, settings).await?;
-    channel
-        .basic_qos(settings.projector_prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            &settings.amqp_queue,
-            "projector",
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    // Several consumers on one connection: while one batch waits on
+    // PostgreSQL or Redis, another is being applied. Applying commutes, so
+    // their order does not matter.
+    let mut lanes = Vec::with_capacity(settings.projector_consumers.max(1));
+    for lane in 0..settings.projector_consumers.max(1) {
+        let channel = conn.create_channel().await?;
+        if lane == 0 {
+            amqp::declare_topology(&channel, settings).await?;
+        }
+        channel
+            .basic_qos(settings.projector_prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                &settings.amqp_queue,
+                &format!("projector-{lane}"),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        lanes.push(apply_lane(
+            consumer,
+            applier,
+            settings,
+            applied,
+            shutdown.clone(),
+        ));
+    }
     status.0.store(true, Ordering::Relaxed);
-    tracing::info!(queue = %settings.amqp_queue, "consuming");
+    tracing::info!(queue = %settings.amqp_queue, consumers = lanes.len(), "consuming");
+    // The first lane to fail ends them all; what they had not acknowledged
+    // is redelivered once the connection closes.
+    let result = futures_util::future::try_join_all(lanes).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        conn.close(200, "projector stopping"),
+    )
+    .await;
+    result.map(|_| ())
+}
 
+async fn apply_lane(
+    mut consumer: lapin::Consumer,
+    applier: &Applier,
+    settings: &Settings,
+    applied: &Notify,
+    mut shutdown: Shutdown,
+) -> Result<(), ConsumeError> {
     loop {
         let first = tokio::select! {
             next = consumer.next() => next,
-            _ = shutdown.wait() => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "projector stopping")).await;
-                return Ok(());
-            }
+            _ = shutdown.wait() => return Ok(()),
         };
         let first = match first {
             Some(d) => d?,

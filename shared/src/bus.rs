@@ -17,3 +17,10 @@ pub struct RecordsMessage {
     pub v: u32,
     pub records: Vec<Record>,
 }
+
+/// The same message, serialised from borrowed records (no copy to publish).
+#[derive(Debug, Serialize)]
+pub struct RecordsMessageRef<'a> {
+    pub v: u32,
+    pub records: &'a [Record],
+}

@@ -41,6 +41,10 @@ pub struct Settings {
     pub relay_batch_size: i64,
     pub relay_message_records: usize,
     pub relay_poll_interval: Duration,
+    /// Outbox rows this old are the sweep's; younger ones are the fast path's.
+    pub relay_sweep_after: Duration,
+    /// Consumers (channels) per projector process, applying batches concurrently.
+    pub projector_consumers: usize,
     pub projector_prefetch: u16,
     pub projector_batch_size: usize,
     pub catchup_after: Duration,
@@ -122,6 +126,8 @@ impl Settings {
             relay_batch_size: var("RELAY_BATCH_SIZE", 2_000)?,
             relay_message_records: var("RELAY_MESSAGE_RECORDS", 500)?,
             relay_poll_interval: Duration::from_millis(var("RELAY_POLL_INTERVAL_MS", 250)?),
+            relay_sweep_after: Duration::from_millis(var("RELAY_SWEEP_AFTER_MS", 1_000)?),
+            projector_consumers: var("PROJECTOR_CONSUMERS", 2)?,
             projector_prefetch: var("PROJECTOR_PREFETCH", 64)?,
             projector_batch_size: var("PROJECTOR_BATCH_SIZE", 2_000)?,
             catchup_after: Duration::from_millis(var("CATCHUP_AFTER_MS", 1_000)?),

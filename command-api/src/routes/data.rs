@@ -102,8 +102,8 @@ pub async fn create_batch(
 fn outcome(appended: Appended, state: &AppState) -> (actix_web::http::StatusCode, Vec<Record>) {
     match appended {
         Appended::Created(records) => {
-            // Wake the relay now rather than at its next poll.
-            state.relay_wake.notify_one();
+            // Published now rather than at the relay's next sweep.
+            state.relay.committed(records.clone());
             (actix_web::http::StatusCode::CREATED, records)
         }
         Appended::Replayed(records) => (actix_web::http::StatusCode::OK, records),
