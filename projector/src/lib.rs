@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod consumer;
+pub mod indexes;
 pub mod metrics;
 pub mod rebuild;
 pub mod seed;
