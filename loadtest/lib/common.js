@@ -56,11 +56,13 @@ export function dur(def = '30s') {
 }
 
 // Duration and VU pool of a constant-arrival-rate scenario. PRE_VUS/MAX_VUS
-// default to what the rate needs at a few ms per request, with headroom.
+// default to what the rate needs at up to 40 ms per request, allocated up
+// front: a VU started mid-run costs k6 a JS runtime, and iterations are
+// dropped while it starts (idle VUs cost nothing).
 export function arrival(rate, execName, extra = {}) {
   const r = Math.max(1, Math.round(rate));
-  const pre = num('PRE_VUS', Math.max(5, Math.ceil(r / 100)));
-  const max = num('MAX_VUS', Math.max(pre, 50, Math.ceil(r / 20)));
+  const pre = num('PRE_VUS', Math.max(5, Math.ceil(r / 25)));
+  const max = num('MAX_VUS', Math.max(2 * pre, 50));
   return Object.assign(
     {
       executor: 'constant-arrival-rate',

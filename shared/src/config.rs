@@ -131,7 +131,7 @@ impl Settings {
             projector_prefetch: var("PROJECTOR_PREFETCH", 64)?,
             projector_batch_size: var("PROJECTOR_BATCH_SIZE", 2_000)?,
             catchup_after: Duration::from_millis(var("CATCHUP_AFTER_MS", 1_000)?),
-            watermark_interval: Duration::from_millis(var("WATERMARK_INTERVAL_MS", 5)?),
+            watermark_interval: Duration::from_millis(var("WATERMARK_INTERVAL_MS", 10)?),
             shutdown_timeout: Duration::from_secs(var("SHUTDOWN_TIMEOUT_SECONDS", 20)?),
             max_in_flight: var("MAX_IN_FLIGHT", 2_048)?,
             auth: AuthSettings {
