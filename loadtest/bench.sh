@@ -19,6 +19,7 @@
 #   FLOOR_RUNS=1        0: skip the floor runs; FLOOR_PORT=8099
 #   RAW=1               k6 raw samples (--out csv=...gz) for the latency-over-time plots
 #   SEED_MODE=topup     topup: seed SCALE minus what is there; add: seed SCALE more; skip
+#   ID_POOL=20000       ids the read scripts pick from (fetched once per pass, shared by all VUs)
 #   SEED_ARGS=""        extra arguments for `projector seed` (e.g. "--payload-bytes 100-1000")
 #   GATEWAY=0           1: reads and writes through the gateway (GATEWAY_URL=http://127.0.0.1:8000)
 #   CMD_URL/QUERY_URL/PROJECTOR_URL  default :8080/:8081/:8082; TOKEN for a JWT
@@ -220,6 +221,34 @@ seed_to() { # target count, log file
   [ "$rc" = 0 ] || die "seeding failed (exit $rc); see $logf"
 }
 
+# --------------------------------------------------------------- id pool
+# fetch_ids <file>: up to ID_POOL ids of existing records (paging GET /data),
+# one JSON array the read scripts share across VUs (ID_FILE).
+ID_FILE=""
+fetch_ids() {
+  local file="$1"
+  QUERY_URL="$QUERY_URL" ID_POOL="${ID_POOL:-20000}" TOKEN="${TOKEN:-}" python3 - "$file" <<'PY' || return 1
+import json, os, sys, urllib.parse, urllib.request
+base, want = os.environ["QUERY_URL"], int(os.environ["ID_POOL"])
+headers = {"Authorization": "Bearer " + os.environ["TOKEN"]} if os.environ.get("TOKEN") else {}
+ids, seen, cursor = [], set(), None
+while len(ids) < want:
+    q = {"limit": str(min(1000, want - len(ids)))}
+    if cursor:
+        q["cursor"] = cursor
+    req = urllib.request.Request(base + "/data?" + urllib.parse.urlencode(q), headers=headers)
+    page = json.load(urllib.request.urlopen(req, timeout=30))
+    new = [r["id"] for r in page.get("items", []) if r["id"] not in seen]
+    seen.update(new)
+    ids += new
+    cursor = page.get("next_cursor")
+    if not cursor or not new:
+        break
+json.dump(ids, open(sys.argv[1], "w"))
+print(len(ids))
+PY
+}
+
 # --------------------------------------------------------------- one k6 run
 # run_k6 <name> <dir> <floor 0|1> [rate] [duration]
 run_k6() {
@@ -236,7 +265,9 @@ run_k6() {
   elif [ -n "$K6_BASE" ]; then
     args+=(-e "BASE_URL=$K6_BASE" -e "GATEWAY=1")
   fi
-  [ "$RAW" = 1 ] && [ "$name" != warmup ] && args+=(--out "csv=$dir/$tag.csv.gz")
+  [ -n "$ID_FILE" ] && args+=(-e "ID_FILE=$ID_FILE")
+  # Raw samples cost k6 CPU per row: only the tags the report reads.
+  [ "$RAW" = 1 ] && [ "$name" != warmup ] && args+=(--out "csv=$dir/$tag.csv.gz" --system-tags "status,expected_response")
   local records
   records="$(projection_seq)"
   log "run $tag: $(basename "$script") rate=$rate/s duration=$dur target=$([ "$floor" = 1 ] && echo "$FLOOR_URL" || echo "${K6_BASE:-$CMD_URL + $QUERY_URL}") records~${records:-?}"
@@ -272,6 +303,14 @@ pass() {
   seed_to "$scale" "$dir/seed.log"
   settle
   log "warm-up: mixed at ${WARMUP_RATE}/s for $WARMUP"
+  local n
+  if n="$(fetch_ids "$dir/ids.json")" && [ "${n:-0}" -gt 0 ]; then
+    ID_FILE="$dir/ids.json"
+    log "id pool: $n ids in $ID_FILE"
+  else
+    ID_FILE=""
+    log "could not fetch an id pool; the read scripts fetch their own in setup()"
+  fi
   run_k6 warmup-mixed "$dir" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
   rm -f "$dir"/warmup-mixed.*
   for s in $SCENARIOS; do

@@ -4,6 +4,7 @@
 // process environment); see loadtest/README.md for the full list.
 import http from 'k6/http';
 import exec from 'k6/execution';
+import { SharedArray } from 'k6/data';
 
 // ---------------------------------------------------------------- env helpers
 
@@ -254,6 +255,18 @@ export function makeRecord(kind) {
 // Pages through GET /data?limit=1000 (newest first) until `want` distinct ids
 // (ID_POOL, default 20000) or the end. Runs in setup(); its requests are tagged
 // ep:setup so they stay out of the measured figures.
+// The id pool from ID_FILE (a JSON array of ids that bench.sh writes once),
+// one copy shared by every VU. setup() data, by contrast, is copied into
+// each VU: 20,000 ids times a few hundred VUs is seconds of CPU and hundreds
+// of MiB at the start of the run, which k6 pays in dropped iterations.
+// Call in init context; null without ID_FILE (then fetch in setup()).
+export function sharedIds(name) {
+  const path = __ENV.ID_FILE;
+  if (!path) return null;
+  const ids = new SharedArray(name, () => JSON.parse(open(path)));
+  return ids.length > 0 ? ids : null;
+}
+
 export function fetchIdPool(want) {
   const ids = [];
   const seen = {};

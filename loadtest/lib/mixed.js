@@ -1,9 +1,9 @@
 // Mixed traffic (used by mixed.js and soak.js): READ_PCT (default 90) of RATE
 // are reads, the rest POST /data. Of the reads, LIST_PCT (default 10) are
 // GET /data?limit=50 (optionally by kind), the others GET /data/{id} on an id
-// pool fetched in setup(). Reads and writes are two constant-arrival-rate
+// pool from ID_FILE or fetched in setup(). Reads and writes are two constant-arrival-rate
 // scenarios, so the split is exact.
-import { arrival, baseOptions, dur, fetchIdPool, getById, getList, KINDS, makeRecord, num, pick, postRecord, requirePool } from './common.js';
+import { arrival, baseOptions, dur, fetchIdPool, getById, getList, KINDS, makeRecord, num, pick, postRecord, requirePool, sharedIds } from './common.js';
 
 export function mixedConfig(defRate, defDuration) {
   const rate = num('RATE', defRate);
@@ -24,16 +24,19 @@ export function mixedConfig(defRate, defDuration) {
 const LIST_PCT = num('LIST_PCT', 10);
 const ID_POOL = num('ID_POOL', 20000);
 
+const SHARED_IDS = sharedIds('mixed ids');
+
 export function mixedSetup() {
-  const pool = requirePool(fetchIdPool(ID_POOL), 'mixed');
-  return { ids: pool.ids, kinds: pool.kinds.length ? pool.kinds : KINDS };
+  // With shared ids, one page is enough to learn the kinds.
+  const pool = requirePool(fetchIdPool(SHARED_IDS ? 1000 : ID_POOL), 'mixed');
+  return { ids: SHARED_IDS ? null : pool.ids, kinds: pool.kinds.length ? pool.kinds : KINDS };
 }
 
 export function reads(data) {
   if (Math.random() * 100 < LIST_PCT) {
     getList({ kind: Math.random() < 0.5 ? pick(data.kinds) : undefined, limit: 50 }, { ep: 'list' });
   } else {
-    getById(pick(data.ids), { ep: 'read_id' });
+    getById(pick(SHARED_IDS || data.ids), { ep: 'read_id' });
   }
 }
 
