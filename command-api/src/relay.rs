@@ -5,13 +5,14 @@
 //! Two ways out, one guarantee:
 //!
 //! - **Fast path.** The request handler hands what it just committed to this
-//!   process's relay over a bounded channel. The relay publishes it as it
-//!   comes (no read-back from PostgreSQL, and nothing waits for a poll or for
+//!   process's relay over a channel bounded in records. The relay publishes
+//!   it as it comes (no read-back from PostgreSQL, and nothing waits for a poll or for
 //!   a lower seq that commits late), waits for the publisher confirms, then
 //!   deletes the outbox rows. The handler never waits for any of this: a full
 //!   channel or a relay without a broker just leaves the rows to the sweep.
 //! - **Sweep.** Every `RELAY_POLL_INTERVAL_MS` the relay locks outbox rows
-//!   older than `RELAY_SWEEP_AFTER_MS` (`FOR UPDATE SKIP LOCKED`, so replicas
+//!   older than `RELAY_SWEEP_AFTER_MS` plus however far the fast path is
+//!   behind (`FOR UPDATE SKIP LOCKED`, so replicas
 //!   share the work), publishes them, waits for the confirms, deletes them and
 //!   commits. That covers everything the fast path did not: rows of a replica
 //!   that died after its commit, rows held back while the broker was away,
@@ -33,7 +34,7 @@ use lapin::{
 };
 use shared::{amqp, bus, shutdown::Shutdown, Record, Settings};
 use sqlx::PgPool;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 #[derive(Default)]
 pub struct RelayStatus {
@@ -48,24 +49,49 @@ impl RelayStatus {
 
 /// The request handlers' end of the fast path.
 #[derive(Clone)]
-pub struct RelayHandle(mpsc::Sender<Vec<Record>>);
+pub struct RelayHandle {
+    tx: mpsc::UnboundedSender<Fresh>,
+    room: Arc<Semaphore>,
+}
 
-/// Committed batches waiting for the relay; beyond this the sweep takes over.
-const FAST_PATH_CAPACITY: usize = 4_096;
-/// Batches taken off the channel per round (one round, one set of confirms).
-const FAST_PATH_BATCHES: usize = 256;
+/// Records committed and waiting for the relay: the fast path's memory bound
+/// (a few MiB). Beyond it, the sweep takes over.
+const FAST_PATH_RECORDS: usize = 20_000;
+/// Records taken off the channel per round (one set of confirms, one DELETE).
+const FAST_PATH_ROUND: usize = 5_000;
+
+/// A committed batch on its way to the relay; its permits free room in the
+/// fast path when it is dropped.
+struct Fresh {
+    records: Vec<Record>,
+    committed: Instant,
+    _room: OwnedSemaphorePermit,
+}
 
 impl RelayHandle {
     /// Never blocks: when the relay cannot keep up or has no broker, the
     /// records are already in the outbox and the sweep publishes them.
     pub fn committed(&self, records: Vec<Record>) {
-        let _ = self.0.try_send(records);
+        let Ok(n) = u32::try_from(records.len()) else {
+            return;
+        };
+        if let Ok(room) = self.room.clone().try_acquire_many_owned(n) {
+            let _ = self.tx.send(Fresh {
+                records,
+                committed: Instant::now(),
+                _room: room,
+            });
+        }
     }
 }
 
-pub fn fast_path() -> (RelayHandle, mpsc::Receiver<Vec<Record>>) {
-    let (tx, rx) = mpsc::channel(FAST_PATH_CAPACITY);
-    (RelayHandle(tx), rx)
+/// The relay's end of the fast path.
+pub struct FastPath(mpsc::UnboundedReceiver<Fresh>);
+
+pub fn fast_path() -> (RelayHandle, FastPath) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let room = Arc::new(Semaphore::new(FAST_PATH_RECORDS));
+    (RelayHandle { tx, room }, FastPath(rx))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +115,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(
     pool: PgPool,
     settings: Settings,
-    mut fresh: mpsc::Receiver<Vec<Record>>,
+    mut fresh: FastPath,
     status: Arc<RelayStatus>,
     mut shutdown: Shutdown,
 ) {
@@ -114,7 +140,7 @@ pub async fn run(
         }
         // Without a broker the fast path has nowhere to go; what it holds is
         // in the outbox, and the sweep publishes it once the broker is back.
-        while fresh.try_recv().is_ok() {}
+        while fresh.0.try_recv().is_ok() {}
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.wait() => {}
@@ -137,33 +163,45 @@ async fn serve(
     pool: &PgPool,
     channel: &Channel,
     settings: &Settings,
-    fresh: &mut mpsc::Receiver<Vec<Record>>,
+    fresh: &mut FastPath,
     shutdown: &mut Shutdown,
 ) -> Result<(), RelayError> {
     // A sweep at once: whatever waited while this relay was away.
     let mut next_sweep = Instant::now();
-    let mut batches = Vec::with_capacity(FAST_PATH_BATCHES);
+    // How long the last fast-path batch waited for this relay. The sweep
+    // leaves rows that young to the fast path (under a burst, sweeping rows
+    // the fast path is about to publish would only publish them twice).
+    let mut lag = Duration::ZERO;
+    let mut taken: Vec<Fresh> = Vec::new();
     loop {
         tokio::select! {
             biased;
             _ = shutdown.wait() => {
                 // Requests have finished: publish what they committed, then
                 // everything left in the outbox, whatever its age.
-                while let Ok(b) = fresh.try_recv() {
-                    batches.push(b);
+                while let Ok(f) = fresh.0.try_recv() {
+                    taken.push(f);
                 }
-                publish_fresh(pool, channel, settings, &mut batches).await?;
+                publish_fresh(pool, channel, settings, &mut taken).await?;
                 sweep(pool, channel, settings, Duration::ZERO).await?;
                 return Ok(());
             }
-            n = fresh.recv_many(&mut batches, FAST_PATH_BATCHES) => {
-                if n == 0 {
+            first = fresh.0.recv() => {
+                let Some(first) = first else {
                     return Ok(()); // every handle dropped: the app is gone
+                };
+                lag = first.committed.elapsed();
+                let mut n = first.records.len();
+                taken.push(first);
+                while n < FAST_PATH_ROUND {
+                    let Ok(f) = fresh.0.try_recv() else { break };
+                    n += f.records.len();
+                    taken.push(f);
                 }
-                publish_fresh(pool, channel, settings, &mut batches).await?;
+                publish_fresh(pool, channel, settings, &mut taken).await?;
             }
             _ = tokio::time::sleep_until(next_sweep.into()) => {
-                match sweep(pool, channel, settings, settings.relay_sweep_after).await {
+                match sweep(pool, channel, settings, settings.relay_sweep_after + lag).await {
                     Ok(_) => {}
                     // PostgreSQL trouble is no reason to drop the broker
                     // connection: the next sweep tries again.
@@ -184,12 +222,12 @@ async fn publish_fresh(
     pool: &PgPool,
     channel: &Channel,
     settings: &Settings,
-    batches: &mut Vec<Vec<Record>>,
+    taken: &mut Vec<Fresh>,
 ) -> Result<(), RelayError> {
-    if batches.is_empty() {
+    if taken.is_empty() {
         return Ok(());
     }
-    let mut records: Vec<Record> = batches.drain(..).flatten().collect();
+    let mut records: Vec<Record> = taken.drain(..).flat_map(|f| f.records).collect();
     // Messages carry records in seq order (see shared::bus).
     records.sort_unstable_by_key(|r| r.seq);
     publish(channel, settings, &records).await?;
