@@ -158,6 +158,9 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
     if deferred {
         indexes::restore(&read).await?;
     }
+    // Fresh statistics for the planner (autovacuum may be off or late).
+    sqlx::query("ANALYZE records").execute(&write).await?;
+    sqlx::query("ANALYZE records").execute(&read).await?;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "seeded {} records in {:.1} s ({:.0}/s), seq {}..={}; copy {:.1} s ({:.0}/s){}",
