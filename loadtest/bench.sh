@@ -222,31 +222,11 @@ seed_to() { # target count, log file
 }
 
 # --------------------------------------------------------------- id pool
-# fetch_ids <file>: up to ID_POOL ids of existing records (paging GET /data),
-# one JSON array the read scripts share across VUs (ID_FILE).
+# fetch_ids <file>: up to ID_POOL ids of existing records, one JSON array the
+# read scripts share across VUs (ID_FILE), each read once to warm the cache.
 ID_FILE=""
 fetch_ids() {
-  local file="$1"
-  QUERY_URL="$QUERY_URL" ID_POOL="${ID_POOL:-20000}" TOKEN="${TOKEN:-}" python3 - "$file" <<'PY' || return 1
-import json, os, sys, urllib.parse, urllib.request
-base, want = os.environ["QUERY_URL"], int(os.environ["ID_POOL"])
-headers = {"Authorization": "Bearer " + os.environ["TOKEN"]} if os.environ.get("TOKEN") else {}
-ids, seen, cursor = [], set(), None
-while len(ids) < want:
-    q = {"limit": str(min(1000, want - len(ids)))}
-    if cursor:
-        q["cursor"] = cursor
-    req = urllib.request.Request(base + "/data?" + urllib.parse.urlencode(q), headers=headers)
-    page = json.load(urllib.request.urlopen(req, timeout=30))
-    new = [r["id"] for r in page.get("items", []) if r["id"] not in seen]
-    seen.update(new)
-    ids += new
-    cursor = page.get("next_cursor")
-    if not cursor or not new:
-        break
-json.dump(ids, open(sys.argv[1], "w"))
-print(len(ids))
-PY
+  QUERY_URL="$QUERY_URL" ID_POOL="${ID_POOL:-20000}" TOKEN="${TOKEN:-}" python3 "$HERE/idpool.py" "$1"
 }
 
 # --------------------------------------------------------------- one k6 run
@@ -302,15 +282,15 @@ pass() {
   mkdir -p "$dir"
   seed_to "$scale" "$dir/seed.log"
   settle
-  log "warm-up: mixed at ${WARMUP_RATE}/s for $WARMUP"
   local n
   if n="$(fetch_ids "$dir/ids.json")" && [ "${n:-0}" -gt 0 ]; then
     ID_FILE="$dir/ids.json"
-    log "id pool: $n ids in $ID_FILE"
+    log "id pool: $n ids in $ID_FILE, each read once"
   else
     ID_FILE=""
     log "could not fetch an id pool; the read scripts fetch their own in setup()"
   fi
+  log "warm-up: mixed at ${WARMUP_RATE}/s for $WARMUP"
   run_k6 warmup-mixed "$dir" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
   rm -f "$dir"/warmup-mixed.*
   for s in $SCENARIOS; do
