@@ -5,7 +5,7 @@
 //   k6 run -e RATE=110 -e BATCH_SIZE=1000 loadtest/batch.js
 import http from 'k6/http';
 import { Counter } from 'k6/metrics';
-import { arrival, baseOptions, CMD_URL, droppedTarget, JSON_HEADERS, makeRecord, num, randInt, summary } from './lib/common.js';
+import { arrival, baseOptions, CMD_URL, droppedTarget, JSON_HEADERS, makeRecord, num, randInt, summary, timeline } from './lib/common.js';
 
 const RATE = num('RATE', 110);
 const BATCH_SIZE = num('BATCH_SIZE', 1000);
@@ -39,6 +39,7 @@ export function batch() {
     tags: { name: 'POST /data/batch', ep: 'batch', target: 'batch' },
     timeout: '60s',
   });
+  timeline('batch', res.timings.duration);
   if (res.status === 201 || res.status === 200) recordsIngested.add(BATCH_SIZE, { target: 'batch' });
 }
 

@@ -13,7 +13,7 @@
 import { sleep } from 'k6';
 import exec from 'k6/execution';
 import { Counter, Trend } from 'k6/metrics';
-import { arrival, baseOptions, FLOOR, getById, jget, makeRecord, num, ok200or404, postRecord, summary } from './lib/common.js';
+import { arrival, baseOptions, FLOOR, getById, jget, makeRecord, num, ok200or404, postRecord, summary, timeline, timelineKeys } from './lib/common.js';
 
 const RATE = num('RATE', 1000);
 const PROBE_RATE = num('PROBE_RATE', 50);
@@ -57,6 +57,8 @@ export function background() {
   postRecord(makeRecord(), { ep: 'write' });
 }
 
+timelineKeys(['write_to_visible_ms', 'write_to_visible_min_seq_ms']);
+
 // A clock with sub-millisecond resolution (Date.now() has 1 ms).
 const now = () => exec.instance.currentTestRunDuration;
 
@@ -88,12 +90,14 @@ export function probe() {
       const dt = now() - a.t;
       if (r.status === 200) {
         visible.add(dt, { target: 'freshness' });
+        timeline('write_to_visible_ms', dt);
         polls.add(n);
         break;
       }
       if (r.status !== 404 || dt > TIMEOUT_MS) {
         timeouts.add(1);
         visible.add(dt, { target: 'freshness' });
+        timeline('write_to_visible_ms', dt);
         break;
       }
       sleep(POLL_MS / 1000);
@@ -104,8 +108,10 @@ export function probe() {
   if (b) {
     const r = getById(b.id, { ep: 'min_seq' }, { minSeq: b.seq });
     const dt = now() - b.t;
-    if (r.status === 200) visibleMinSeq.add(dt, { target: 'freshness' });
-    else minSeqFailures.add(1);
+    if (r.status === 200) {
+      visibleMinSeq.add(dt, { target: 'freshness' });
+      timeline('write_to_visible_min_seq_ms', dt);
+    } else minSeqFailures.add(1);
   }
 }
 

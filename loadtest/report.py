@@ -220,6 +220,71 @@ def windows_p99(samples, t0, t1, n_windows):
     return [percentile(sorted(buckets[i]), 99) if buckets[i] else float("nan") for i in range(n_windows)]
 
 
+def tl_key(sel):
+    """The k6 timeline key of a selector: the ep tag for http_req_duration, else the metric."""
+    metric_name, ep = sel
+    if metric_name == "http_req_duration":
+        return ep
+    return metric_name
+
+
+def read_timeline(summ, selectors, limit=None):
+    """Per-bucket stats from the tl_<key>_<i> Trends the k6 scripts keep
+    (lib/common.js: timelines), in the shape the plot wants:
+    {"series": {sel: (xs, p50, p99, max, counts)}, "width": s, "rps": (xs, per_s)}."""
+    tl = ((summ or {}).get("config") or {}).get("timeline") or None
+    if not tl:
+        return None
+    width, n = tl.get("width_s") or 1, tl.get("buckets") or 0
+    mets = summ.get("metrics", {})
+
+    def bucket_stats(key):
+        xs, p50, p99, mx, cnt = [], [], [], [], []
+        for i in range(n):
+            v = (mets.get("tl_%s_%d" % (key, i)) or {}).get("values") or {}
+            x = i * width
+            if not v.get("count") or (limit is not None and x + width > limit + 1e-9):
+                continue
+            xs.append(x)
+            p50.append(v.get("med"))
+            p99.append(v.get("p(99)"))
+            mx.append(v.get("max"))
+            cnt.append(v.get("count"))
+        return xs, p50, p99, mx, cnt
+
+    series = {}
+    for sel in selectors:
+        key = tl_key(sel)
+        if key:
+            series[sel] = bucket_stats(key)
+    rps = defaultdict(float)
+    for key in tl.get("keys") or []:
+        if key.endswith("_ms") or key == "setup":
+            continue
+        xs, _a, _b, _c, cnt = bucket_stats(key)
+        for x, c in zip(xs, cnt):
+            rps[x] += c / width
+    if not any(v[0] for v in series.values()):
+        return None
+    xs = sorted(rps)
+    return {"series": series, "width": width, "rps": (xs, [rps[x] for x in xs])}
+
+
+def timeline_windows_p99(series, n_windows):
+    """p99 per window of a timeline, as the median of its buckets' p99s (the
+    buckets' samples are not kept, so percentiles cannot be merged exactly)."""
+    xs, _p50, p99, _mx, _cnt = series
+    if not xs:
+        return []
+    span = xs[-1] + 1e-9
+    w = span / n_windows
+    buckets = defaultdict(list)
+    for x, v in zip(xs, p99):
+        if v is not None:
+            buckets[min(n_windows - 1, int(x / w))].append(v)
+    return [percentile(sorted(buckets[i]), 50) if buckets[i] else float("nan") for i in range(n_windows)]
+
+
 # ------------------------------------------------------------------ processes
 
 def read_procs(path, start=None, end=None):
@@ -360,22 +425,53 @@ def figures(d, name, floor_dir=None, plt=None):
     fraw = read_raw(os.path.join(fdir, name + ".floor.csv.gz"), sels)
     if raw:
         res["statuses"] = raw["statuses"]
-    if raw and name == "soak":
-        t0 = meta.get("start") or min((t for s in raw["series"].values() for t, _ in s), default=0)
-        t1 = meta.get("end") or max((t for s in raw["series"].values() for t, _ in s), default=0)
-        n = max(2, min(10, int((t1 - t0) // 60) or 2))
+    lim = dur_s or None
+    tl = read_timeline(summ, sels, lim) if not raw else None
+    ftl = read_timeline(fsumm, sels, lim) if not fraw else None
+    if name == "soak" and (raw or tl):
         drift = {}
+        if raw:
+            t0 = meta.get("start") or min((t for s in raw["series"].values() for t, _ in s), default=0)
+            t1 = meta.get("end") or max((t for s in raw["series"].values() for t, _ in s), default=0)
+            n = max(2, min(10, int((t1 - t0) // 60) or 2))
+        else:
+            n = max(2, min(10, int((dur_s or 0) // 60) or 2))
+        res["drift_method"] = "raw samples" if raw else "median of the %g s buckets' p99 per window" % tl["width"]
         for label, key, sel in FIGS[name]:
-            w = windows_p99(raw["series"][sel], t0, t1, n)
+            w = windows_p99(raw["series"][sel], t0, t1, n) if raw else timeline_windows_p99(tl["series"].get(sel, ([],) * 5), n)
             good = [x for x in w if not math.isnan(x)]
             if len(good) >= 2 and good[0] > 0:
                 drift[label] = {"windows": w, "first": good[0], "last": good[-1], "ratio": good[-1] / good[0],
                                 "worst_ratio": max(good) / min(good) if min(good) > 0 else None}
         res["drift"] = drift
         res["verdict"] = bool(drift) and all(v["ratio"] <= 1.10 for v in drift.values()) and err_ok
-    if plt is not None and raw:
-        res["plot"] = plot(plt, d, name, raw, fraw, meta, fmeta, res)
+    if plt is not None and (raw or tl):
+        res["plot"] = plot(plt, d, name, lines_of(raw, tl, sels, meta, res), lines_of(fraw, ftl, sels, fmeta, res), res)
     return res
+
+
+def lines_of(raw, tl, sels, meta, res):
+    """What the plot draws, from raw samples or from the k6 timelines:
+    {"series": {sel: (xs, p50, p99, max)}, "width": s, "rps": (xs, ys) or None}."""
+    if raw:
+        # time 0 = the first measured sample (after k6 start-up and setup())
+        t0 = first_ts(raw["series"], sels) or meta.get("start") or 0
+        # 1 s buckets up to 5 minutes, then wider (a 30 min soak: 6 s buckets)
+        width = max(1, int(round((res.get("duration_s") or 0) / 300.0)))
+        lim = (int(res["duration_s"] // width) * width) if res.get("duration_s") else None
+        series = {sel: per_second(raw["series"].get(sel, []), t0, width, lim) for sel in sels}
+        rps = None
+        if raw.get("req_ts"):
+            acc = defaultdict(int)
+            for t in raw["req_ts"]:
+                if t >= t0 and (lim is None or t - t0 < lim):
+                    acc[int((t - t0) // width) * width] += 1.0 / width
+            xs = sorted(acc)
+            rps = (xs, [acc[x] for x in xs])
+        return {"series": series, "width": width, "rps": rps}
+    if tl:
+        return {"series": {sel: v[:4] for sel, v in tl["series"].items()}, "width": tl["width"], "rps": tl["rps"]}
+    return None
 
 
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
@@ -389,21 +485,15 @@ def first_ts(series_map, sels):
     return min(ts) if ts else None
 
 
-def plot(plt, d, name, raw, fraw, meta, fmeta, res):
+def plot(plt, d, name, lines, flines, res):
     figs = FIGS.get(name, [])[:PLOT_MAX_FIGS]
-    sels = [sel for _l, _k, sel in figs]
     fig, ax = plt.subplots(figsize=(11, 5.2), dpi=100)
-    # time 0 = the first measured sample (after k6 start-up and setup())
-    t0 = first_ts(raw["series"], sels) or meta.get("start") or 0
-    ft0 = first_ts(fraw["series"], sels) if fraw else None
-    clip = lambda vs: [max(v, 0.01) for v in vs]  # log axis
-    # 1 s buckets up to 5 minutes, then wider (a 30 min soak: 6 s buckets)
-    width = max(1, int(round((res.get("duration_s") or 0) / 300.0)))
-    lim = (int(res["duration_s"] // width) * width) if res.get("duration_s") else None
+    clip = lambda vs: [max(v or 0, 0.01) for v in vs]  # log axis
+    width = lines["width"]
     any_line = False
     for i, (label, _key, sel) in enumerate(figs):
         c = COLORS[i % len(COLORS)]
-        xs, p50, p99, mx = per_second(raw["series"].get(sel, []), t0, width, lim)
+        xs, p50, p99, mx = lines["series"].get(sel) or ([], [], [], [])
         if not xs:
             continue
         any_line = True
@@ -411,9 +501,9 @@ def plot(plt, d, name, raw, fraw, meta, fmeta, res):
         ax.plot(xs, clip(p50), color=c, lw=1.0, ls=":", label="%s p50" % label)
         if len(figs) <= 2:
             ax.plot(xs, clip(mx), color=c, lw=0.6, alpha=0.35, label="%s max" % label)
-        if fraw and fraw["series"].get(sel) and ft0 is not None:
-            fx, _f50, f99, _fmx = per_second(fraw["series"][sel], ft0, width, lim)
-            ax.plot(fx, clip(f99), color=c, lw=1.0, ls="--", alpha=0.8, label="%s floor p99" % label)
+        fser = (flines or {}).get("series", {}).get(sel)
+        if fser and fser[0]:
+            ax.plot(fser[0], clip(fser[2]), color=c, lw=1.0, ls="--", alpha=0.8, label="%s floor p99" % label)
         tgt = TARGETS.get(name, {}).get(label)
         if tgt:
             ax.axhline(tgt, color=c, lw=0.8, ls="-.", alpha=0.6)
@@ -424,21 +514,17 @@ def plot(plt, d, name, raw, fraw, meta, fmeta, res):
     ax.axhline(CONTRACT_MS, color="grey", lw=0.8, ls="-.", alpha=0.5)
     ax.text(0, CONTRACT_MS, " contract 500 ms", color="grey", fontsize=8, va="bottom")
     ax.set_yscale("log")
-    ax.set_xlabel("seconds since the first measured request")
-    ax.set_ylabel("latency per %s bucket (ms, log)" % ("second" if width == 1 else "%d s" % width))
+    ax.set_xlabel("seconds since the scenario started")
+    ax.set_ylabel("latency per %s bucket (ms, log)" % ("second" if width == 1 else "%g s" % width))
     ax.set_title("%s at %s/s — target: %s" % (name, fmt_num(res.get("rate_target")), TARGET_TEXT.get(name, "")), fontsize=11)
     ax.grid(True, which="both", alpha=0.25)
     h2, l2 = [], []
-    if raw.get("req_ts"):
-        rps = defaultdict(int)
-        for t in raw["req_ts"]:
-            if t >= t0 and (lim is None or t - t0 < lim):
-                rps[int((t - t0) // width) * width] += 1.0 / width
-        xs = sorted(rps)
+    if lines.get("rps") and lines["rps"][0]:
+        xs, ys = lines["rps"]
         ax2 = ax.twinx()
-        ax2.plot(xs, [rps[x] for x in xs], color="black", lw=0.7, alpha=0.35, label="requests/s (all endpoints)")
+        ax2.plot(xs, ys, color="black", lw=0.7, alpha=0.35, label="requests/s (all endpoints)")
         ax2.set_ylabel("requests/s", color="grey")
-        ax2.set_ylim(bottom=0, top=max(rps.values()) * 1.6)
+        ax2.set_ylim(bottom=0, top=max(ys) * 1.6)
         h2, l2 = ax2.get_legend_handles_labels()
     h1, l1 = ax.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", ncol=2, framealpha=0.8)
@@ -518,7 +604,7 @@ def render(d, env, scale, results):
                 fmt_ms(f["target_p99"]) if f["target_p99"] else "–", verdict_txt(f["target_ok"]), "ok" if f["contract_ok"] else "**FAIL**"))
         if r.get("drift"):
             L.append("")
-            L.append("p99 drift over the soak (first vs last window):")
+            L.append("p99 drift over the soak (first vs last window; %s):" % r.get("drift_method", "raw samples"))
             L.append("")
             L.append("| figure | first window p99 | last window p99 | last/first | worst/best window |")
             L.append("|---|---:|---:|---:|---:|")
