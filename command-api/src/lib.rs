@@ -2,6 +2,7 @@
 //! PostgreSQL and relays them to RabbitMQ through a transactional outbox.
 
 pub mod body;
+pub mod group;
 pub mod openapi;
 pub mod relay;
 pub mod routes;

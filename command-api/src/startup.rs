@@ -7,12 +7,16 @@ use shared::{db, http, shutdown, telemetry, Settings};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
-use crate::relay::{self, RelayHandle, RelayStatus};
+use crate::{
+    group::GroupCommitter,
+    relay::{self, RelayHandle, RelayStatus},
+};
 
 pub struct AppState {
     pub pool: PgPool,
     pub db_timeout: Duration,
     pub relay: RelayHandle,
+    pub writer: GroupCommitter,
     pub relay_status: Arc<RelayStatus>,
 }
 
@@ -42,10 +46,18 @@ impl Application {
 
         let listener = TcpListener::bind(settings.bind_address())?;
         let port = listener.local_addr()?.port();
+        let writer = GroupCommitter::start(
+            pool.clone(),
+            relay_handle.clone(),
+            settings.db_request_timeout,
+            settings.write_group_in_flight,
+            settings.write_group_max,
+        );
         let state = web::Data::new(AppState {
             pool,
             db_timeout: settings.db_request_timeout,
             relay: relay_handle,
+            writer,
             relay_status,
         });
         let limit = http::InFlightLimit::new(settings.max_in_flight);

@@ -493,3 +493,49 @@ fn tokio_stream_from(
 ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+#[tokio::test]
+async fn concurrent_posts_are_group_committed_each_with_its_own_answer() {
+    let mut settings = testkit::isolated_settings().await;
+    // One append at a time: whatever arrives meanwhile goes in as a group.
+    settings.write_group_in_flight = 1;
+    let app = TestApp::spawn_with(settings).await;
+    let n = 200;
+    let posts = (0..n).map(|i| {
+        let http = app.http.clone();
+        let url = format!("{}/data", app.base);
+        async move {
+            let body = json!({"kind": "grouped", "key": format!("k-{i}"), "payload": {"i": i}});
+            let res = http.post(url).json(&body).send().await.unwrap();
+            (i, res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    });
+    let answers = futures_util::future::join_all(posts).await;
+    let mut seqs = std::collections::HashSet::new();
+    for (i, status, rec) in &answers {
+        assert_eq!(*status, 201, "{rec}");
+        // Each answer is its own request's record, not a neighbour's.
+        assert_eq!(rec["key"], format!("k-{i}"));
+        assert_eq!(rec["payload"]["i"], *i);
+        assert!(seqs.insert(rec["seq"].as_i64().unwrap()));
+        let (key,): (String,) = sqlx::query_as("SELECT key FROM records WHERE id = $1::uuid")
+            .bind(rec["id"].as_str().unwrap())
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        assert_eq!(key, format!("k-{i}"));
+    }
+    // Fewer statements than requests: the writes really were grouped.
+    let (calls,): (i64,) = sqlx::query_as(
+        "SELECT count(DISTINCT xmin::text::bigint) FROM records WHERE kind = 'grouped'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(calls < n as i64, "{calls} transactions for {n} records");
+    assert_eq!(
+        app.consume_records(n, Duration::from_secs(10)).await.len(),
+        n
+    );
+    assert!(app.outbox_drained(Duration::from_secs(5)).await);
+}

@@ -51,6 +51,11 @@ pub struct Settings {
     pub watermark_interval: Duration,
     pub shutdown_timeout: Duration,
     pub max_in_flight: usize,
+    /// Single-record appends running at once; more requests wait and go in
+    /// together (group commit, command-api).
+    pub write_group_in_flight: usize,
+    /// Records per group commit at most.
+    pub write_group_max: usize,
     pub auth: AuthSettings,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
@@ -134,6 +139,8 @@ impl Settings {
             watermark_interval: Duration::from_millis(var("WATERMARK_INTERVAL_MS", 10)?),
             shutdown_timeout: Duration::from_secs(var("SHUTDOWN_TIMEOUT_SECONDS", 20)?),
             max_in_flight: var("MAX_IN_FLIGHT", 2_048)?,
+            write_group_in_flight: var("WRITE_GROUP_IN_FLIGHT", 2)?,
+            write_group_max: var("WRITE_GROUP_MAX", 500)?,
             auth: AuthSettings {
                 disabled: var("AUTH_DISABLED", false)?,
                 hs256_secret: opt_var("JWT_HS256_SECRET")?,

@@ -1,4 +1,7 @@
-use actix_web::{http::header, web, HttpRequest, HttpResponse};
+use actix_web::{
+    http::{header, StatusCode},
+    web, HttpRequest, HttpResponse,
+};
 use serde::Serialize;
 use shared::{
     db,
@@ -42,21 +45,32 @@ pub async fn create(
     let idem = idempotency_key(&req)?;
     let body = read_limited(&req, payload, MAX_BODY_BYTES).await?;
     let record = validation::parse_record(&body)?;
-    let caller = shared::auth::Caller::of(&req);
-    let key = idem.map(|key| IdempotencyKey {
-        caller: &caller,
-        key,
-        request_hash: store::request_hash("/data", &body),
-    });
-    let appended = db::bounded(
-        state.db_timeout,
-        store::append(&state.pool, vec![record], key),
-    )
-    .await?;
-    let (status, mut records) = outcome(appended, &state);
-    let record = records
-        .pop()
-        .ok_or_else(|| ApiError::unavailable("postgres", "no record returned"))?;
+    let (status, record) = match idem {
+        // The common case goes through group commit (which also hands the
+        // record to the relay).
+        None => (
+            StatusCode::CREATED,
+            db::bounded(state.db_timeout, state.writer.append(record)).await?,
+        ),
+        Some(key) => {
+            let caller = shared::auth::Caller::of(&req);
+            let key = IdempotencyKey {
+                caller: &caller,
+                key,
+                request_hash: store::request_hash("/data", &body),
+            };
+            let appended = db::bounded(
+                state.db_timeout,
+                store::append(&state.pool, vec![record], Some(key)),
+            )
+            .await?;
+            let (status, mut records) = outcome(appended, &state);
+            let record = records
+                .pop()
+                .ok_or_else(|| ApiError::unavailable("postgres", "no record returned"))?;
+            (status, record)
+        }
+    };
     Ok(HttpResponse::build(status)
         .insert_header((header::LOCATION, format!("/data/{}", record.id)))
         .content_type("application/json")
@@ -99,14 +113,14 @@ pub async fn create_batch(
     Ok(HttpResponse::build(status).json(BatchResponse { items }))
 }
 
-fn outcome(appended: Appended, state: &AppState) -> (actix_web::http::StatusCode, Vec<Record>) {
+fn outcome(appended: Appended, state: &AppState) -> (StatusCode, Vec<Record>) {
     match appended {
         Appended::Created(records) => {
             // Published now rather than at the relay's next sweep.
             state.relay.committed(records.clone());
-            (actix_web::http::StatusCode::CREATED, records)
+            (StatusCode::CREATED, records)
         }
-        Appended::Replayed(records) => (actix_web::http::StatusCode::OK, records),
+        Appended::Replayed(records) => (StatusCode::OK, records),
     }
 }
 
