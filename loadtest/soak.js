@@ -1,7 +1,8 @@
 // Soak: the mixed traffic of mixed.js for a long time (DURATION default 30m,
 // RATE default 1000/s). The drift of p99 over time (target <= 10%) is computed
-// from the raw output by loadtest/report.py (first vs last window).
-//   k6 run -e DURATION=30m -e RATE=1000 --out csv=loadtest/results/soak.csv.gz loadtest/soak.js
+// by loadtest/report.py (first vs last window) from the timelines in the
+// summary (lib/common.js), or from raw output when there is one.
+//   k6 run -e DURATION=30m -e RATE=1000 -e SUMMARY_PATH=loadtest/results/soak.json loadtest/soak.js
 import { summary } from './lib/common.js';
 import { mixedConfig, mixedSetup, reads, writes } from './lib/mixed.js';
 
