@@ -20,10 +20,7 @@ use shared::{db, ApiError, NewRecord, Record};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::{
-    relay::RelayHandle,
-    store::{self, Appended},
-};
+use crate::{relay::RelayHandle, store};
 
 struct Job {
     record: NewRecord,
@@ -111,24 +108,24 @@ async fn dispatch(
 async fn commit(sink: Sink, group: Vec<Job>, _slot: OwnedSemaphorePermit) {
     let (records, replies): (Vec<NewRecord>, Vec<_>) =
         group.into_iter().map(|j| (j.record, j.reply)).unzip();
-    let single = records.len() == 1;
-    let kept = (!single).then(|| records.clone());
     match append(&sink, records).await {
         Ok(committed) => {
             for (record, reply) in committed.into_iter().zip(replies) {
                 let _ = reply.send(Ok(record));
             }
         }
-        Err(ApiError::Validation(_)) if !single => {
-            for (record, reply) in kept.unwrap_or_default().into_iter().zip(replies) {
-                let answer = append(&sink, vec![record]).await.and_then(|mut r| {
-                    r.pop()
-                        .ok_or_else(|| ApiError::unavailable("postgres", "no record returned"))
-                });
+        Err((ApiError::Validation(_), records)) if records.len() > 1 => {
+            for (record, reply) in records.into_iter().zip(replies) {
+                let answer = match append(&sink, vec![record]).await {
+                    Ok(mut one) => one
+                        .pop()
+                        .ok_or_else(|| ApiError::unavailable("postgres", "no record returned")),
+                    Err((e, _)) => Err(e),
+                };
                 let _ = reply.send(answer);
             }
         }
-        Err(e) => {
+        Err((e, _)) => {
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
@@ -136,15 +133,22 @@ async fn commit(sink: Sink, group: Vec<Job>, _slot: OwnedSemaphorePermit) {
     }
 }
 
-async fn append(sink: &Sink, records: Vec<NewRecord>) -> Result<Vec<Record>, ApiError> {
-    match db::bounded(sink.timeout, store::append(&sink.pool, records, None)).await? {
-        Appended::Created(records) => {
-            sink.relay.committed(records.clone());
-            Ok(records)
+/// Inserts and hands the committed records to the relay; on an error the
+/// commands come back, so a group can be retried one by one.
+async fn append(
+    sink: &Sink,
+    records: Vec<NewRecord>,
+) -> Result<Vec<Record>, (ApiError, Vec<NewRecord>)> {
+    match db::bounded(sink.timeout, store::insert(&sink.pool, &records, None)).await {
+        Ok(Some(inserted)) => {
+            let committed = inserted.into_records(records);
+            sink.relay.committed(committed.clone());
+            Ok(committed)
         }
-        Appended::Replayed(_) => Err(ApiError::unavailable(
-            "postgres",
-            "an append without a key was answered as a replay",
+        Ok(None) => Err((
+            ApiError::unavailable("postgres", "insert returned no rows"),
+            records,
         )),
+        Err(e) => Err((e, records)),
     }
 }

@@ -230,7 +230,7 @@ const OUTBOX_VACUUM_EVERY: Duration = Duration::from_secs(30);
 
 async fn vacuum_outbox(pool: &PgPool) {
     if let Err(e) = sqlx::query("VACUUM outbox").execute(pool).await {
-        tracing::debug!(error = %e, "could not vacuum the outbox");
+        tracing::warn!(error = %e, "could not vacuum the outbox");
     }
 }
 

@@ -15,6 +15,7 @@ pub enum Appended {
     Replayed(Vec<Record>),
 }
 
+#[derive(Clone, Copy)]
 pub struct IdempotencyKey<'a> {
     pub caller: &'a str,
     pub key: &'a str,
@@ -42,13 +43,60 @@ pub async fn append(
     records: Vec<NewRecord>,
     idempotency: Option<IdempotencyKey<'_>>,
 ) -> Result<Appended, ApiError> {
+    match insert(pool, &records, idempotency).await? {
+        Some(inserted) => Ok(Appended::Created(inserted.into_records(records))),
+        None => match idempotency {
+            Some(k) => replay(pool, &k).await,
+            None => Err(ApiError::unavailable("postgres", "insert returned no rows")),
+        },
+    }
+}
+
+/// What one insert committed: the records' ids, seqs and timestamp.
+pub struct Inserted {
+    ids: Vec<Uuid>,
+    seqs: std::collections::HashMap<Uuid, i64>,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Inserted {
+    /// The committed records, built from the commands they were inserted from
+    /// (the same slice, in the same order).
+    pub fn into_records(self, records: Vec<NewRecord>) -> Vec<Record> {
+        let Inserted {
+            ids,
+            seqs,
+            created_at,
+        } = self;
+        records
+            .into_iter()
+            .zip(ids)
+            .map(|(r, id)| Record {
+                id,
+                seq: seqs[&id],
+                kind: r.kind,
+                key: r.key,
+                payload: r.payload,
+                created_at,
+            })
+            .collect()
+    }
+}
+
+/// Inserts `records` (borrowed, so a caller can still retry them after an
+/// error). `None`: the idempotency claim was lost, nothing was inserted.
+pub async fn insert(
+    pool: &PgPool,
+    records: &[NewRecord],
+    idempotency: Option<IdempotencyKey<'_>>,
+) -> Result<Option<Inserted>, ApiError> {
     let created_at = shared::model::now_micros();
     let n = records.len();
     let mut ids = Vec::with_capacity(n);
     let mut kinds = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
     let mut payloads = Vec::with_capacity(n);
-    for r in &records {
+    for r in records {
         ids.push(Uuid::now_v7());
         kinds.push(r.kind.as_str());
         keys.push(r.key.as_deref());
@@ -87,28 +135,17 @@ pub async fn append(
     let rows = q.fetch_all(pool).await.map_err(storage_error)?;
 
     if rows.is_empty() {
-        if let Some(k) = idempotency {
-            return replay(pool, &k).await;
-        }
-        return Err(ApiError::unavailable("postgres", "insert returned no rows"));
+        return Ok(None);
     }
     let mut seqs = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
         seqs.insert(row.try_get::<Uuid, _>("id")?, row.try_get::<i64, _>("seq")?);
     }
-    let created = records
-        .into_iter()
-        .zip(ids)
-        .map(|(r, id)| Record {
-            id,
-            seq: seqs[&id],
-            kind: r.kind,
-            key: r.key,
-            payload: r.payload,
-            created_at,
-        })
-        .collect();
-    Ok(Appended::Created(created))
+    Ok(Some(Inserted {
+        ids,
+        seqs,
+        created_at,
+    }))
 }
 
 async fn replay(pool: &PgPool, key: &IdempotencyKey<'_>) -> Result<Appended, ApiError> {

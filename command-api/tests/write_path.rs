@@ -4,9 +4,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use command_api::group::GroupCommitter;
 use common::{record, TestApp};
-use serde_json::{json, Value};
-use shared::testkit::{self, ProxyMode, TcpProxy};
+use serde_json::{json, value::RawValue, Value};
+use shared::{
+    testkit::{self, ProxyMode, TcpProxy},
+    ApiError, NewRecord,
+};
 
 #[tokio::test]
 async fn post_commits_publishes_and_answers_the_record() {
@@ -538,4 +542,43 @@ async fn concurrent_posts_are_group_committed_each_with_its_own_answer() {
         n
     );
     assert!(app.outbox_drained(Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn a_record_postgres_refuses_fails_alone_in_its_group() {
+    let app = TestApp::spawn().await;
+    let (relay, _fresh) = command_api::relay::fast_path();
+    let writer = GroupCommitter::start(app.db.clone(), relay, Duration::from_secs(5), 1, 500);
+    // Validation refuses U+0000 before it gets this far; PostgreSQL refuses
+    // it too (22021), which makes it the one bad record in a group here.
+    let keys: Vec<String> = (0..20)
+        .map(|i| {
+            if i == 7 {
+                "bad\0key".to_string()
+            } else {
+                format!("k-{i}")
+            }
+        })
+        .collect();
+    let record = |key: &str| NewRecord {
+        kind: "grouped".into(),
+        key: Some(key.into()),
+        payload: RawValue::from_string(r#"{"a":1}"#.into()).unwrap(),
+    };
+    // All sent before the writer runs (one thread): they form one group.
+    let answers =
+        futures_util::future::join_all(keys.iter().map(|k| writer.append(record(k)))).await;
+    for (i, answer) in answers.iter().enumerate() {
+        match answer {
+            Ok(rec) => {
+                assert_ne!(i, 7);
+                assert_eq!(rec.key.as_deref(), Some(keys[i].as_str()));
+            }
+            Err(e) => {
+                assert_eq!(i, 7, "{e}");
+                assert!(matches!(e, ApiError::Validation(_)), "{e:?}");
+            }
+        }
+    }
+    assert_eq!(app.count("records").await, 19);
 }
