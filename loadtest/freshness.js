@@ -13,7 +13,7 @@
 import { sleep } from 'k6';
 import exec from 'k6/execution';
 import { Counter, Trend } from 'k6/metrics';
-import { arrival, baseOptions, FLOOR, getById, jget, makeRecord, num, ok200or404, postRecord, summary, timeline, timelineKeys } from './lib/common.js';
+import { arrival, baseOptions, FLOOR, getById, jget, recordBody, num, ok200or404, postRecord, summary, timeline, timelineKeys } from './lib/common.js';
 
 const RATE = num('RATE', 1000);
 const PROBE_RATE = num('PROBE_RATE', 50);
@@ -54,7 +54,7 @@ export const options = baseOptions(
 );
 
 export function background() {
-  postRecord(makeRecord(), { ep: 'write' });
+  postRecord(recordBody(), { ep: 'write' });
 }
 
 timelineKeys(['write_to_visible_ms', 'write_to_visible_min_seq_ms']);
@@ -64,7 +64,7 @@ const now = () => exec.instance.currentTestRunDuration;
 
 // POST one record; returns {id, seq, t} (t = ms when the answer arrived) or null.
 function write() {
-  const res = postRecord(makeRecord(), { ep: 'probe_write' }, { body: true });
+  const res = postRecord(recordBody(), { ep: 'probe_write' }, { body: true });
   const t = now();
   if (res.status !== 201) {
     writeFailures.add(1);

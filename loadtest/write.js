@@ -1,6 +1,6 @@
 // POST /data at a constant arrival rate (default 1500/s, the write target).
 //   k6 run -e RATE=1500 -e DURATION=30s loadtest/write.js
-import { arrival, baseOptions, droppedTarget, makeRecord, num, p99Target, postRecord, summary } from './lib/common.js';
+import { arrival, baseOptions, droppedTarget, recordBody, num, p99Target, postRecord, summary } from './lib/common.js';
 
 const RATE = num('RATE', 1500);
 
@@ -11,7 +11,7 @@ export const options = baseOptions(
 );
 
 export function write() {
-  postRecord(makeRecord(), { ep: 'write', target: 'write' });
+  postRecord(recordBody(), { ep: 'write', target: 'write' });
 }
 
 export function handleSummary(data) {

@@ -153,10 +153,14 @@ export function timelineKeys(keys) {
 }
 
 // Adds `ms` to the bucket of now (since the scenario started) for `key`.
+// exec.scenario builds a new object on every access (a measurable share of
+// k6's CPU at thousands of requests/s), so each VU reads its start once.
+let scenarioStart = 0;
 export function timeline(key, ms) {
   const ts = TL.keys[key];
   if (!ts) return;
-  const i = Math.floor((Date.now() - exec.scenario.startTime) / (1000 * TL.width));
+  if (scenarioStart === 0) scenarioStart = exec.scenario.startTime;
+  const i = Math.floor((Date.now() - scenarioStart) / (1000 * TL.width));
   if (i >= 0 && i < ts.length) ts[i].add(ms);
 }
 
@@ -206,20 +210,32 @@ export function headers(extra = {}) {
 
 export const ok200or404 = http.expectedStatuses(200, 404);
 
-// POST /data with one record object. `opts.body` keeps the answer (for id/seq).
+// Request params for the common case (no per-call option), built once per
+// route and tag set: k6 converts every params object from JS on each
+// request, and building them afresh (headers, merged tags) cost k6 a
+// visible share of a core at thousands of requests/s.
+const PARAMS = {};
+function params(name, hdrs, tags, opts) {
+  if (opts.body || opts.responseCallback || opts.headers) {
+    const p = { headers: opts.headers || hdrs, tags: Object.assign({ name }, tags) };
+    if (opts.body) p.responseType = 'text';
+    if (opts.responseCallback) p.responseCallback = opts.responseCallback;
+    return p;
+  }
+  const key = `${name}|${tags ? `${tags.ep}|${tags.target}` : ''}`;
+  return PARAMS[key] || (PARAMS[key] = { headers: hdrs, tags: Object.assign({ name }, tags) });
+}
+
+// POST /data with one record (an object, or its JSON text). `opts.body`
+// keeps the answer (for id/seq).
 export function postRecord(rec, tags, opts = {}) {
-  const params = { headers: opts.headers || JSON_HEADERS, tags: Object.assign({ name: 'POST /data' }, tags) };
-  if (opts.body) params.responseType = 'text';
-  if (opts.responseCallback) params.responseCallback = opts.responseCallback;
-  return timed(http.post(`${CMD_URL}/data`, typeof rec === 'string' ? rec : JSON.stringify(rec), params), tags);
+  const body = typeof rec === 'string' ? rec : JSON.stringify(rec);
+  return timed(http.post(`${CMD_URL}/data`, body, params('POST /data', JSON_HEADERS, tags, opts)), tags);
 }
 
 export function getById(id, tags, opts = {}) {
   const q = opts.minSeq !== undefined ? `?min_seq=${opts.minSeq}` : '';
-  const params = { headers: GET_HEADERS, tags: Object.assign({ name: 'GET /data/{id}' }, tags) };
-  if (opts.body) params.responseType = 'text';
-  if (opts.responseCallback) params.responseCallback = opts.responseCallback;
-  return timed(http.get(`${QUERY_URL}/data/${id}${q}`, params), tags);
+  return timed(http.get(`${QUERY_URL}/data/${id}${q}`, params('GET /data/{id}', GET_HEADERS, tags, opts)), tags);
 }
 
 export function listQuery(q) {
@@ -231,10 +247,7 @@ export function listQuery(q) {
 }
 
 export function getList(q, tags, opts = {}) {
-  const params = { headers: GET_HEADERS, tags: Object.assign({ name: 'GET /data' }, tags) };
-  if (opts.body) params.responseType = 'text';
-  if (opts.responseCallback) params.responseCallback = opts.responseCallback;
-  return timed(http.get(`${QUERY_URL}/data${listQuery(q)}`, params), tags);
+  return timed(http.get(`${QUERY_URL}/data${listQuery(q)}`, params('GET /data', GET_HEADERS, tags, opts)), tags);
 }
 
 // gjson selector on a text body; undefined when the body is not JSON.
@@ -290,6 +303,23 @@ export function makePayload(bytes) {
   const n = Math.max(0, size - PAYLOAD_OVERHEAD);
   const off = randInt(FILLER_LEN - n + 1);
   return { v: 1, n: 100000000 + randInt(900000000), ts: Date.now(), data: FILLER.substr(off, n) };
+}
+
+// The same record as makeRecord(), as JSON text built by concatenation: at
+// 1,500 POSTs/s, building the object and JSON.stringify-ing it cost k6 a
+// quarter of a core (goja is an interpreter), which the service under test
+// then lacks. FILLER is alphanumeric, so the slice needs no escaping.
+const KIND_JSON = {};
+for (const k of KINDS) KIND_JSON[k] = JSON.stringify(k);
+export function recordBody(kind) {
+  const k = kind ? KIND_JSON[kind] || JSON.stringify(kind) : KIND_JSON[pick(KINDS)];
+  const [lo, hi] = PAYLOAD_RANGE;
+  const n = Math.max(0, lo + randInt(hi - lo + 1) - PAYLOAD_OVERHEAD);
+  const off = randInt(FILLER_LEN - n + 1);
+  return (
+    '{"kind":' + k + ',"key":"k-' + randInt(1e9) + '","payload":{"v":1,"n":' + (100000000 + randInt(900000000)) +
+    ',"ts":' + Date.now() + ',"data":"' + FILLER.substr(off, n) + '"}}'
+  );
 }
 
 export function makeRecord(kind) {

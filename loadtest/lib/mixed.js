@@ -3,7 +3,7 @@
 // GET /data?limit=50 (optionally by kind), the others GET /data/{id} on an id
 // pool from ID_FILE or fetched in setup(). Reads and writes are two constant-arrival-rate
 // scenarios, so the split is exact.
-import { arrival, baseOptions, dur, fetchIdPool, getById, getList, KINDS, makeRecord, num, pick, postRecord, requirePool, sharedIds } from './common.js';
+import { arrival, baseOptions, dur, fetchIdPool, getById, getList, KINDS, recordBody, num, pick, postRecord, requirePool, sharedIds } from './common.js';
 
 export function mixedConfig(defRate, defDuration) {
   const rate = num('RATE', defRate);
@@ -41,5 +41,5 @@ export function reads(data) {
 }
 
 export function writes() {
-  postRecord(makeRecord(), { ep: 'write' });
+  postRecord(recordBody(), { ep: 'write' });
 }
