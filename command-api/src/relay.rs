@@ -194,8 +194,23 @@ async fn serve(
                 lag = first.committed.elapsed();
                 let mut n = first.records.len();
                 taken.push(first);
+                // Each round costs a message, a confirm, a DELETE and a
+                // commit whatever its size, and so does its apply downstream;
+                // at a few hundred rounds a second that overhead was most of
+                // the write path's CPU. Waiting a few milliseconds for the
+                // groups that commit meanwhile makes rounds several times
+                // larger for a small, bounded delay.
+                let linger = tokio::time::sleep(settings.relay_linger);
+                tokio::pin!(linger);
                 while n < FAST_PATH_ROUND {
-                    let Ok(f) = fresh.0.try_recv() else { break };
+                    let f = match fresh.0.try_recv() {
+                        Ok(f) => f,
+                        Err(_) => tokio::select! {
+                            biased;
+                            f = fresh.0.recv() => match f { Some(f) => f, None => break },
+                            _ = &mut linger => break,
+                        },
+                    };
                     n += f.records.len();
                     taken.push(f);
                 }

@@ -36,8 +36,12 @@ impl Application {
         let (relay_handle, fresh) = relay::fast_path();
         let relay_status = Arc::new(RelayStatus::default());
         let (stop_relay, stopped) = shutdown::channel();
+        // The relay's own connections: its commits (outbox DELETEs) may be
+        // lost in a crash without losing anything but a duplicate publish.
+        let relay_pool =
+            db::relaxed_pool(&settings.database_url, &settings, "command-api-relay", 4)?;
         let relay = tokio::spawn(relay::run(
-            pool.clone(),
+            relay_pool,
             settings.clone(),
             fresh,
             relay_status.clone(),

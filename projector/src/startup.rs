@@ -28,7 +28,9 @@ struct OpsState {
 
 impl Projector {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let write = db::pool_sized(
+        // Only reads and the watermark's transaction ids go to the write log
+        // from here: nothing this pool commits needs to survive a crash.
+        let write = db::relaxed_pool(
             &settings.database_url,
             &settings,
             "projector",

@@ -43,6 +43,9 @@ pub struct Settings {
     pub relay_poll_interval: Duration,
     /// Outbox rows this old are the sweep's; younger ones are the fast path's.
     pub relay_sweep_after: Duration,
+    /// How long the fast path waits after the first committed batch for more
+    /// to publish with it.
+    pub relay_linger: Duration,
     /// Consumers (channels) per projector process, applying batches concurrently.
     pub projector_consumers: usize,
     pub projector_prefetch: u16,
@@ -132,6 +135,7 @@ impl Settings {
             relay_message_records: var("RELAY_MESSAGE_RECORDS", 500)?,
             relay_poll_interval: Duration::from_millis(var("RELAY_POLL_INTERVAL_MS", 250)?),
             relay_sweep_after: Duration::from_millis(var("RELAY_SWEEP_AFTER_MS", 1_000)?),
+            relay_linger: Duration::from_millis(var("RELAY_LINGER_MS", 4)?),
             projector_consumers: var("PROJECTOR_CONSUMERS", 2)?,
             projector_prefetch: var("PROJECTOR_PREFETCH", 64)?,
             projector_batch_size: var("PROJECTOR_BATCH_SIZE", 2_000)?,

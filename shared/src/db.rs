@@ -29,18 +29,49 @@ pub fn pool_sized(
     app: &str,
     size: u32,
 ) -> Result<PgPool, sqlx::Error> {
+    build(url, settings, app, size, true)
+}
+
+/// A pool whose commits do not wait for their WAL flush
+/// (`synchronous_commit = off`): a crash of PostgreSQL may undo the last
+/// few hundred milliseconds of its commits. Only for work whose loss is
+/// harmless by design: the relay's outbox DELETEs (an undone delete means
+/// a message published twice, which the projector ignores) and the
+/// watermark's transaction ids (nothing is stored). Each flush costs this
+/// machine's kernel more CPU than the statement itself, so skipping a few
+/// hundred of them a second leaves that CPU to the requests.
+pub fn relaxed_pool(
+    url: &str,
+    settings: &Settings,
+    app: &str,
+    size: u32,
+) -> Result<PgPool, sqlx::Error> {
+    build(url, settings, app, size, false)
+}
+
+fn build(
+    url: &str,
+    settings: &Settings,
+    app: &str,
+    size: u32,
+    durable: bool,
+) -> Result<PgPool, sqlx::Error> {
+    let mut server = vec![
+        (
+            "statement_timeout",
+            format!("{}ms", settings.db_statement_timeout.as_millis()),
+        ),
+        // Every query here is a short indexed lookup; JIT compilation
+        // (triggered by cost estimates, not by real cost) only adds
+        // milliseconds to each one.
+        ("jit", "off".to_string()),
+    ];
+    if !durable {
+        server.push(("synchronous_commit", "off".to_string()));
+    }
     let options = PgConnectOptions::from_str(url)?
         .application_name(app)
-        .options([
-            (
-                "statement_timeout",
-                format!("{}ms", settings.db_statement_timeout.as_millis()),
-            ),
-            // Every query here is a short indexed lookup; JIT compilation
-            // (triggered by cost estimates, not by real cost) only adds
-            // milliseconds to each one.
-            ("jit", "off".to_string()),
-        ]);
+        .options(server);
     Ok(PgPoolOptions::new()
         .max_connections(size)
         .min_connections(0)
