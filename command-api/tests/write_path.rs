@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use command_api::group::GroupCommitter;
 use common::{record, TestApp};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use serde_json::{json, value::RawValue, Value};
 use shared::{
     testkit::{self, ProxyMode, TcpProxy},
@@ -581,4 +582,51 @@ async fn a_record_postgres_refuses_fails_alone_in_its_group() {
         }
     }
     assert_eq!(app.count("records").await, 19);
+}
+
+#[tokio::test]
+async fn the_relay_lingers_so_rounds_carry_several_commits() {
+    let mut settings = testkit::isolated_settings().await;
+    // Commits 100 ms apart all land in the first round, which waits 3 s for
+    // them; the sweep is kept out of the way.
+    settings.relay_linger = Duration::from_secs(3);
+    settings.relay_sweep_after = Duration::from_secs(30);
+    let app = TestApp::spawn_with(settings).await;
+    let n = 5;
+    for i in 0..n {
+        let res = app
+            .post_json("/data", &json!({"kind": "linger", "payload": {"i": i}}))
+            .await;
+        assert_eq!(res.status().as_u16(), 201);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let conn = shared::amqp::connect(&app.settings.amqp_url, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    shared::amqp::declare_topology(&ch, &app.settings)
+        .await
+        .unwrap();
+    let (mut messages, mut records) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while records < n && Instant::now() < deadline {
+        match ch
+            .basic_get(&app.settings.amqp_queue, BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            Some(msg) => {
+                let body: shared::bus::RecordsMessage = serde_json::from_slice(&msg.data).unwrap();
+                messages += 1;
+                records += body.records.len();
+                msg.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert_eq!(records, n, "every record published once");
+    // Five commits spread over half a second, one message: the round
+    // waited for the later ones.
+    assert_eq!(messages, 1, "{messages} messages for {n} commits");
+    assert!(app.outbox_drained(Duration::from_secs(5)).await);
 }
