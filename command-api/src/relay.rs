@@ -240,7 +240,9 @@ async fn serve(
 /// table is all dead tuples unless vacuumed, and the sweep steps over them.
 /// Autovacuum is tuned for it (see the migration) but may be off on the
 /// server (it is on the machine these figures come from): vacuuming a table
-/// of a few live rows costs next to nothing, so the relay does it too.
+/// of a few live rows costs next to nothing, so the relay does it too. It
+/// never truncates the table (see the migration that turns
+/// `vacuum_truncate` off): that would lock out every append meanwhile.
 const OUTBOX_VACUUM_EVERY: Duration = Duration::from_secs(30);
 
 async fn vacuum_outbox(pool: &PgPool) {

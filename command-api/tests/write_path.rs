@@ -12,6 +12,7 @@ use shared::{
     testkit::{self, ProxyMode, TcpProxy},
     ApiError, NewRecord,
 };
+use sqlx::PgPool;
 
 #[tokio::test]
 async fn post_commits_publishes_and_answers_the_record() {
@@ -629,4 +630,34 @@ async fn the_relay_lingers_so_rounds_carry_several_commits() {
     // waited for the later ones.
     assert_eq!(messages, 1, "{messages} messages for {n} commits");
     assert!(app.outbox_drained(Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn vacuum_keeps_the_outbox_pages_so_appends_never_wait_for_a_truncation() {
+    let app = TestApp::spawn().await;
+    // A burst's worth of outbox rows far above any real seq, gone again
+    // before the relay's sweep would look at them (rows older than 1 s).
+    sqlx::query(
+        "INSERT INTO outbox (seq) SELECT g FROM generate_series(1000000000001, 1000000010000) g",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let size = |db: PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT pg_relation_size('outbox')")
+            .fetch_one(&db)
+            .await
+            .unwrap()
+    };
+    let before = size(app.db.clone()).await;
+    sqlx::query("DELETE FROM outbox WHERE seq > 1000000000000")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    sqlx::query("VACUUM outbox").execute(&app.db).await.unwrap();
+    let after = size(app.db.clone()).await;
+    assert!(before > 100_000, "the burst filled {before} bytes");
+    // A truncating VACUUM would have given the empty tail back (0 bytes)
+    // under an ACCESS EXCLUSIVE lock.
+    assert_eq!(after, before, "VACUUM truncated the outbox");
 }
