@@ -5,7 +5,7 @@
 //   k6 run -e RATE=110 -e BATCH_SIZE=1000 loadtest/batch.js
 import http from 'k6/http';
 import { Counter } from 'k6/metrics';
-import { arrival, baseOptions, CMD_URL, droppedTarget, JSON_HEADERS, makeRecord, num, randInt, summary, timeline } from './lib/common.js';
+import { arrival, baseOptions, CMD_URL, droppedTarget, JSON_HEADERS, num, recordBody, randInt, summary, timeline } from './lib/common.js';
 
 const RATE = num('RATE', 110);
 const BATCH_SIZE = num('BATCH_SIZE', 1000);
@@ -18,8 +18,8 @@ const MIN_RECORDS_PER_S = num('TARGET_RECORDS_PER_S', 100000);
 const bodies = [];
 for (let b = 0; b < BODIES; b++) {
   const items = [];
-  for (let i = 0; i < BATCH_SIZE; i++) items.push(makeRecord());
-  bodies.push(JSON.stringify(items));
+  for (let i = 0; i < BATCH_SIZE; i++) items.push(recordBody());
+  bodies.push(`[${items.join(',')}]`);
 }
 
 const recordsIngested = new Counter('records_ingested');

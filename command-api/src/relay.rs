@@ -203,13 +203,10 @@ async fn serve(
                 let linger = tokio::time::sleep(settings.relay_linger);
                 tokio::pin!(linger);
                 while n < FAST_PATH_ROUND {
-                    let f = match fresh.0.try_recv() {
-                        Ok(f) => f,
-                        Err(_) => tokio::select! {
-                            biased;
-                            f = fresh.0.recv() => match f { Some(f) => f, None => break },
-                            _ = &mut linger => break,
-                        },
+                    let f = tokio::select! {
+                        biased;
+                        f = fresh.0.recv() => match f { Some(f) => f, None => break },
+                        _ = &mut linger => break,
                     };
                     n += f.records.len();
                     taken.push(f);

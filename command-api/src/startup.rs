@@ -38,8 +38,10 @@ impl Application {
         let (stop_relay, stopped) = shutdown::channel();
         // The relay's own connections: its commits (outbox DELETEs) may be
         // lost in a crash without losing anything but a duplicate publish.
+        // One task runs its statements one after another: two connections
+        // are one in use and one to reconnect with.
         let relay_pool =
-            db::relaxed_pool(&settings.database_url, &settings, "command-api-relay", 4)?;
+            db::relaxed_pool(&settings.database_url, &settings, "command-api-relay", 2)?;
         let relay = tokio::spawn(relay::run(
             relay_pool,
             settings.clone(),

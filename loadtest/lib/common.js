@@ -222,7 +222,8 @@ function params(name, hdrs, tags, opts) {
     if (opts.responseCallback) p.responseCallback = opts.responseCallback;
     return p;
   }
-  const key = `${name}|${tags ? `${tags.ep}|${tags.target}` : ''}`;
+  let key = name;
+  for (const t in tags) key += `|${t}=${tags[t]}`;
   return PARAMS[key] || (PARAMS[key] = { headers: hdrs, tags: Object.assign({ name }, tags) });
 }
 
@@ -295,39 +296,31 @@ export function pick(arr) {
   return arr[randInt(arr.length)];
 }
 
-// {"v":1,"n":<9 digits>,"ts":<13 digits>,"data":"..."} of ~`bytes` characters.
+// {"v":1,"n":<9 digits>,"ts":<13 digits>,"data":"..."} of ~`bytes` characters
+// (default: drawn from PAYLOAD_BYTES), as JSON text built by concatenation:
+// at 1,500 POSTs/s, building an object and JSON.stringify-ing it cost k6 a
+// quarter of a core (goja is an interpreter), which the service under test
+// then lacks. FILLER is alphanumeric, so the slice needs no escaping.
 const PAYLOAD_OVERHEAD = '{"v":1,"n":123456789,"ts":1732240000000,"data":""}'.length;
-export function makePayload(bytes) {
+export function payloadBody(bytes) {
   const [lo, hi] = PAYLOAD_RANGE;
   const size = bytes !== undefined ? bytes : lo + randInt(hi - lo + 1);
   const n = Math.max(0, size - PAYLOAD_OVERHEAD);
   const off = randInt(FILLER_LEN - n + 1);
-  return { v: 1, n: 100000000 + randInt(900000000), ts: Date.now(), data: FILLER.substr(off, n) };
+  return '{"v":1,"n":' + (100000000 + randInt(900000000)) + ',"ts":' + Date.now() + ',"data":"' + FILLER.substr(off, n) + '"}';
 }
 
-// The same record as makeRecord(), as JSON text built by concatenation: at
-// 1,500 POSTs/s, building the object and JSON.stringify-ing it cost k6 a
-// quarter of a core (goja is an interpreter), which the service under test
-// then lacks. FILLER is alphanumeric, so the slice needs no escaping.
+// The same payload as an object, for requests a script assembles itself.
+export function makePayload(bytes) {
+  return JSON.parse(payloadBody(bytes));
+}
+
+// One record's JSON text, of `kind` (default: one of KINDS).
 const KIND_JSON = {};
 for (const k of KINDS) KIND_JSON[k] = JSON.stringify(k);
 export function recordBody(kind) {
   const k = kind ? KIND_JSON[kind] || JSON.stringify(kind) : KIND_JSON[pick(KINDS)];
-  const [lo, hi] = PAYLOAD_RANGE;
-  const n = Math.max(0, lo + randInt(hi - lo + 1) - PAYLOAD_OVERHEAD);
-  const off = randInt(FILLER_LEN - n + 1);
-  return (
-    '{"kind":' + k + ',"key":"k-' + randInt(1e9) + '","payload":{"v":1,"n":' + (100000000 + randInt(900000000)) +
-    ',"ts":' + Date.now() + ',"data":"' + FILLER.substr(off, n) + '"}}'
-  );
-}
-
-export function makeRecord(kind) {
-  return {
-    kind: kind || pick(KINDS),
-    key: `k-${randInt(1e9)}`,
-    payload: makePayload(),
-  };
+  return '{"kind":' + k + ',"key":"k-' + randInt(1e9) + '","payload":' + payloadBody() + '}';
 }
 
 // ---------------------------------------------------------------- id pool

@@ -37,9 +37,9 @@ pub fn pool_sized(
 /// few hundred milliseconds of its commits. Only for work whose loss is
 /// harmless by design: the relay's outbox DELETEs (an undone delete means
 /// a message published twice, which the projector ignores) and the
-/// watermark's transaction ids (nothing is stored). Each flush costs this
-/// machine's kernel more CPU than the statement itself, so skipping a few
-/// hundred of them a second leaves that CPU to the requests.
+/// watermark's transaction ids (nothing is stored). These commits then
+/// neither wait for a WAL flush nor force one of their own, so the flushes
+/// that remain are the appends' (whose `201` needs them).
 pub fn relaxed_pool(
     url: &str,
     settings: &Settings,
