@@ -34,10 +34,11 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 cd "$ROOT"
 
-if [ -f .local/env ]; then
+LOCAL_DIR="${LOCAL_DIR:-$ROOT/.local}"
+if [ -f "$LOCAL_DIR/env" ]; then
   set -a
   # shellcheck disable=SC1091
-  . .local/env
+  . "$LOCAL_DIR/env"
   set +a
 fi
 
@@ -153,7 +154,7 @@ for u in "$CMD_URL" "$QUERY_URL" "$PROJECTOR_URL"; do ready "$u" || notready="$n
 if [ -n "$notready" ]; then
   die "the stack is not ready (GET /readyz failed:$notready).
   Start it first in another terminal:  make up
-  (URLs: CMD_URL=$CMD_URL QUERY_URL=$QUERY_URL PROJECTOR_URL=$PROJECTOR_URL; environment from .local/env when present)"
+  (URLs: CMD_URL=$CMD_URL QUERY_URL=$QUERY_URL PROJECTOR_URL=$PROJECTOR_URL; environment from $LOCAL_DIR/env when present)"
 fi
 
 if [ "$GATEWAY" = 1 ]; then K6_BASE="$GATEWAY_URL"; else K6_BASE=""; fi
