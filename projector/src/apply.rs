@@ -30,13 +30,46 @@ impl Applier {
         self.apply_docs(records, &docs).await
     }
 
+    /// A batch whose statement runs into `statement_timeout` is applied again
+    /// in halves, down to single records: retrying the same statement would
+    /// only throw the same work away again. That happens when the read model
+    /// outgrows memory and every index insert waits for the disk (seen here:
+    /// 2,000-record batches cancelled after 5 s, over and over, while the
+    /// watermark stood still). What was applied stays applied. A single
+    /// record that still times out (a lock held elsewhere) does not hold back
+    /// the rest: its error is returned once every other part was tried. Any
+    /// other error is returned at once.
     pub async fn apply_docs(&self, records: &[Record], docs: &[String]) -> Result<(), sqlx::Error> {
-        insert_read_model(&self.read_pool, "records", records, docs).await?;
-        if let Err(e) = self.cache(records, docs).await {
-            tracing::warn!(error = %e, "could not cache records; reads will fall back to the read model");
+        let mut parts = vec![0..records.len()];
+        let mut timed_out = None;
+        while let Some(part) = parts.pop() {
+            let (r, d) = (&records[part.clone()], &docs[part.clone()]);
+            match insert_read_model(&self.read_pool, "records", r, d).await {
+                Ok(()) => {}
+                Err(e) if r.len() > 1 && is_statement_timeout(&e) => {
+                    let mid = part.start + r.len() / 2;
+                    tracing::warn!(
+                        records = r.len(),
+                        "read-model insert timed out; applying it in halves"
+                    );
+                    crate::metrics::SPLIT_BATCHES.inc();
+                    // Popped in order: the lower half first.
+                    parts.push(mid..part.end);
+                    parts.push(part.start..mid);
+                    continue;
+                }
+                Err(e) if is_statement_timeout(&e) => {
+                    timed_out.get_or_insert(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            if let Err(e) = self.cache(r, d).await {
+                tracing::warn!(error = %e, "could not cache records; reads will fall back to the read model");
+            }
+            crate::metrics::APPLIED.inc_by(r.len() as u64);
         }
-        crate::metrics::APPLIED.inc_by(records.len() as u64);
-        Ok(())
+        timed_out.map_or(Ok(()), Err)
     }
 
     async fn cache(&self, records: &[Record], docs: &[String]) -> Result<(), CacheError> {
@@ -52,6 +85,11 @@ impl Applier {
             .map_err(|_| CacheError::Timeout)??;
         Ok(())
     }
+}
+
+/// `57014` (query_canceled) is what `statement_timeout` raises.
+fn is_statement_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -37,3 +37,11 @@ pub static WRITE_LOG_HEAD: LazyLock<IntGauge> = LazyLock::new(|| {
     )
     .expect("metric")
 });
+pub static SPLIT_BATCHES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter_with_registry!(
+        "projector_split_batches_total",
+        "Read-model inserts that ran into statement_timeout and were applied again in halves",
+        REGISTRY
+    )
+    .expect("metric")
+});
