@@ -40,7 +40,8 @@ impl Applier {
     /// the rest: its error is returned once every other part was tried. Any
     /// other error is returned at once.
     pub async fn apply_docs(&self, records: &[Record], docs: &[String]) -> Result<(), sqlx::Error> {
-        let mut parts = vec![0..records.len()];
+        let mut parts = Vec::with_capacity(8);
+        parts.push(0..records.len());
         let mut timed_out = None;
         while let Some(part) = parts.pop() {
             let (r, d) = (&records[part.clone()], &docs[part.clone()]);
