@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use deadpool_redis::{redis, Pool as RedisPool};
-use shared::{redis::Keys, Record};
+use shared::{db, redis::Keys, Record, Settings};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -19,6 +19,16 @@ pub struct Applier {
 }
 
 impl Applier {
+    /// The read-model primary's pool and the Redis pool, as `settings` say.
+    pub fn new(settings: &Settings) -> Result<Self, ConnectError> {
+        Ok(Self {
+            read_pool: db::pool(settings.read_primary_url(), settings, "projector")?,
+            redis: shared::redis::pool(settings, 8)?,
+            keys: Keys::new(&settings.redis_prefix),
+            ttl: settings.redis_ttl,
+        })
+    }
+
     /// Read model first, then cache: a record in Redis is always in the read
     /// model too. A Redis failure is logged and skipped (the cache is never
     /// assumed complete; the query API refills it from the read model).
@@ -47,20 +57,20 @@ impl Applier {
             let (r, d) = (&records[part.clone()], &docs[part.clone()]);
             match insert_read_model(&self.read_pool, "records", r, d).await {
                 Ok(()) => {}
-                Err(e) if r.len() > 1 && is_statement_timeout(&e) => {
-                    let mid = part.start + r.len() / 2;
-                    tracing::warn!(
-                        records = r.len(),
-                        "read-model insert timed out; applying it in halves"
-                    );
-                    crate::metrics::SPLIT_BATCHES.inc();
-                    // Popped in order: the lower half first.
-                    parts.push(mid..part.end);
-                    parts.push(part.start..mid);
-                    continue;
-                }
-                Err(e) if is_statement_timeout(&e) => {
-                    timed_out.get_or_insert(e);
+                Err(e) if db::is_statement_timeout(&e) => {
+                    if r.len() > 1 {
+                        tracing::warn!(
+                            records = r.len(),
+                            "read-model insert timed out; applying it in halves"
+                        );
+                        crate::metrics::SPLIT_BATCHES.inc();
+                        // Popped in order: the lower half first.
+                        let mid = part.start + r.len() / 2;
+                        parts.push(mid..part.end);
+                        parts.push(part.start..mid);
+                    } else {
+                        timed_out.get_or_insert(e);
+                    }
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -88,9 +98,12 @@ impl Applier {
     }
 }
 
-/// `57014` (query_canceled) is what `statement_timeout` raises.
-fn is_statement_timeout(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("read model: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] deadpool_redis::CreatePoolError),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 use std::{net::TcpListener, sync::Arc, time::Duration};
 
 use actix_web::{dev::Server, middleware::from_fn, web, App, HttpResponse, HttpServer};
-use shared::{db, http, redis::Keys, shutdown, telemetry, Settings};
+use shared::{db, http, shutdown, telemetry, Settings};
 use tokio::{sync::Notify, task::JoinHandle};
 
 use crate::{
@@ -36,16 +36,10 @@ impl Projector {
             "projector",
             settings.db_pool_size.min(4),
         )?;
-        let read = db::pool(settings.read_primary_url(), &settings, "projector")?;
+        let applier = Applier::new(&settings)?;
         if settings.run_migrations {
-            db::migrate_with_retry(&db::READ_MIGRATOR, &read).await?;
+            db::migrate_with_retry(&db::READ_MIGRATOR, &applier.read_pool).await?;
         }
-        let applier = Applier {
-            read_pool: read,
-            redis: shared::redis::pool(&settings, 8)?,
-            keys: Keys::new(&settings.redis_prefix),
-            ttl: settings.redis_ttl,
-        };
         let (stop, stopped) = shutdown::channel();
         let applied = Arc::new(Notify::new());
         let status = Arc::new(ConsumerStatus::default());

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use projector::apply::Applier;
-use shared::{db, redis::Keys, testkit, Record};
+use shared::{db, testkit, Record};
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
@@ -23,12 +23,7 @@ async fn a_batch_that_times_out_is_applied_in_halves_around_the_record_that_cann
     let mut settings = testkit::isolated_settings().await;
     settings.db_statement_timeout = Duration::from_millis(300);
     let read_url = settings.read_primary_url().to_string();
-    let applier = Applier {
-        read_pool: db::pool(&read_url, &settings, "test-apply").unwrap(),
-        redis: shared::redis::pool(&settings, 2).unwrap(),
-        keys: Keys::new(&settings.redis_prefix),
-        ttl: Duration::from_secs(60),
-    };
+    let applier = Applier::new(&settings).unwrap();
     let records: Vec<Record> = (1..=8).map(record).collect();
 
     // Another session holds seq 5 uncommitted: inserting it waits on that
@@ -46,7 +41,7 @@ async fn a_batch_that_times_out_is_applied_in_halves_around_the_record_that_cann
         .await
         .expect_err("seq 5 cannot be applied while it is locked");
     assert!(
-        matches!(&err, sqlx::Error::Database(d) if d.code().as_deref() == Some("57014")),
+        db::is_statement_timeout(&err),
         "the error is the statement timeout: {err}"
     );
     let applied: Vec<i64> = sqlx::query_scalar("SELECT seq FROM records ORDER BY seq")

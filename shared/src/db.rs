@@ -92,6 +92,12 @@ pub fn is_connectivity(e: &sqlx::Error) -> bool {
     ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")))
 }
 
+/// True when PostgreSQL cancelled the statement (`57014`, query_canceled):
+/// what `statement_timeout` raises.
+pub fn is_statement_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
+}
+
 /// Runs `migrator`, retrying for a while: in a deployment the database may
 /// come up after the service does.
 pub async fn migrate_with_retry(
