@@ -8,7 +8,7 @@
 //!   process's relay over a channel bounded in records. The relay publishes
 //!   it as it comes (no read-back from PostgreSQL, and nothing waits for a poll or for
 //!   a lower seq that commits late), waits for the publisher confirms, then
-//!   deletes the outbox rows. The handler never waits for any of this: a full
+//!   deletes the outbox rows (one per appending statement). The handler never waits for any of this: a full
 //!   channel or a relay without a broker just leaves the rows to the sweep.
 //! - **Sweep.** Every `RELAY_POLL_INTERVAL_MS` the relay locks outbox rows
 //!   older than `RELAY_SWEEP_AFTER_MS` plus however far the fast path is
@@ -16,8 +16,11 @@
 //!   share the work), publishes them, waits for the confirms, deletes them and
 //!   commits. That covers everything the fast path did not: rows of a replica
 //!   that died after its commit, rows held back while the broker was away,
-//!   and rows written by anyone else. A row is never deleted before RabbitMQ
-//!   confirmed it, so the outbox alone is what makes the write path lossless.
+//!   and rows written by anyone else (a previous release's command-api still
+//!   writes one row per record to `outbox` during a rolling upgrade, so that
+//!   table is swept too). A row is never deleted before RabbitMQ confirmed
+//!   every record it names, so the outbox alone is what makes the write path
+//!   lossless.
 
 use std::{
     sync::{
@@ -60,8 +63,8 @@ const FAST_PATH_RECORDS: usize = 20_000;
 /// Records taken off the channel per round (one set of confirms, one DELETE).
 const FAST_PATH_ROUND: usize = 5_000;
 
-/// A committed batch on its way to the relay; its permits free room in the
-/// fast path when it is dropped.
+/// What one statement committed, on its way to the relay; its permits free
+/// room in the fast path when it is dropped.
 struct Fresh {
     records: Vec<Record>,
     committed: Instant,
@@ -243,7 +246,10 @@ async fn serve(
 const OUTBOX_VACUUM_EVERY: Duration = Duration::from_secs(30);
 
 async fn vacuum_outbox(pool: &PgPool) {
-    if let Err(e) = sqlx::query("VACUUM outbox").execute(pool).await {
+    if let Err(e) = sqlx::query("VACUUM outbox_statements, outbox")
+        .execute(pool)
+        .await
+    {
         tracing::warn!(error = %e, "could not vacuum the outbox");
     }
 }
@@ -259,41 +265,54 @@ async fn publish_fresh(
     if taken.is_empty() {
         return Ok(());
     }
+    // Each statement's outbox row is keyed by the lowest seq it took.
+    let statements: Vec<i64> = taken
+        .iter()
+        .filter_map(|f| f.records.iter().map(|r| r.seq).min())
+        .collect();
     let mut records: Vec<Record> = taken.drain(..).flat_map(|f| f.records).collect();
     // Messages carry records in seq order (see shared::bus).
     records.sort_unstable_by_key(|r| r.seq);
     publish(channel, settings, &records).await?;
-    let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
     if let Err(e) = sqlx::query(
-        "DELETE FROM outbox WHERE seq IN \
-         (SELECT seq FROM outbox WHERE seq = ANY($1) FOR UPDATE SKIP LOCKED)",
+        "DELETE FROM outbox_statements WHERE first_seq IN \
+         (SELECT first_seq FROM outbox_statements WHERE first_seq = ANY($1) FOR UPDATE SKIP LOCKED)",
     )
-    .bind(&seqs)
+    .bind(&statements)
     .execute(pool)
     .await
     {
         // Published but still in the outbox: the sweep publishes them again
         // (a duplicate the projector ignores). Never a loss.
-        tracing::warn!(error = %e, records = seqs.len(), "could not clear relayed outbox rows");
+        tracing::warn!(error = %e, records = records.len(), "could not clear relayed outbox rows");
     }
-    tracing::debug!(records = seqs.len(), "relayed (fast path)");
+    tracing::debug!(records = records.len(), "relayed (fast path)");
     Ok(())
 }
 
-/// Publishes every outbox row at least `min_age` old, in rounds of up to
-/// `RELAY_BATCH_SIZE`; returns how many.
+/// Publishes the records of every outbox row at least `min_age` old, in
+/// rounds of up to `RELAY_BATCH_SIZE` records; returns how many.
 async fn sweep(
     pool: &PgPool,
     channel: &Channel,
     settings: &Settings,
     min_age: Duration,
 ) -> Result<usize, RelayError> {
-    // Each round starts above the last one's highest seq, so a long backlog
+    // Each round starts above the last one's highest key, so a long backlog
     // is not rescanned through the dead index entries of rows just deleted.
-    let mut floor = 0;
     let mut total = 0;
+    let mut floor = 0;
     loop {
-        let (n, highest) = sweep_round(pool, channel, settings, floor, min_age).await?;
+        let round = sweep_statements(pool, channel, settings, floor, min_age).await?;
+        total += round.records;
+        if !round.more {
+            break;
+        }
+        floor = round.highest;
+    }
+    let mut floor = 0;
+    loop {
+        let (n, highest) = sweep_per_record(pool, channel, settings, floor, min_age).await?;
         total += n;
         if (n as i64) < settings.relay_batch_size {
             return Ok(total);
@@ -302,7 +321,83 @@ async fn sweep(
     }
 }
 
-async fn sweep_round(
+struct Round {
+    records: usize,
+    /// The highest `first_seq` this round took.
+    highest: i64,
+    /// Whether rows were left for another round.
+    more: bool,
+}
+
+/// One round over `outbox_statements`: whole statements, as many as fit in
+/// `RELAY_BATCH_SIZE` records (at least one, however large).
+async fn sweep_statements(
+    pool: &PgPool,
+    channel: &Channel,
+    settings: &Settings,
+    floor: i64,
+    min_age: Duration,
+) -> Result<Round, RelayError> {
+    let limit = settings.relay_batch_size.max(1);
+    let mut tx = pool.begin().await?;
+    let heads: Vec<(i64, i32)> = sqlx::query_as(
+        "SELECT first_seq, cardinality(seqs) FROM outbox_statements \
+         WHERE first_seq > $2 AND at <= now() - make_interval(secs => $3) \
+         ORDER BY first_seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .bind(floor)
+    .bind(min_age.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut chosen = Vec::with_capacity(heads.len());
+    let mut n = 0i64;
+    for &(first, count) in &heads {
+        if !chosen.is_empty() && n + i64::from(count) > limit {
+            break;
+        }
+        chosen.push(first);
+        n += i64::from(count);
+    }
+    let Some(&highest) = chosen.last() else {
+        return Ok(Round {
+            records: 0,
+            highest: floor,
+            more: false,
+        });
+    };
+    // The rows locked but not chosen are unlocked by the commit and taken
+    // by the next round.
+    let more = chosen.len() < heads.len() || heads.len() as i64 == limit;
+    let rows = sqlx::query(
+        "SELECT r.seq, r.id, r.kind, r.key, r.payload::text AS payload, r.created_at \
+         FROM outbox_statements o CROSS JOIN LATERAL unnest(o.seqs) AS s(seq) \
+         JOIN records r ON r.seq = s.seq \
+         WHERE o.first_seq = ANY($1) ORDER BY r.seq",
+    )
+    .bind(&chosen)
+    .fetch_all(&mut *tx)
+    .await?;
+    let records: Vec<Record> = rows
+        .iter()
+        .map(shared::db::record_from_row)
+        .collect::<Result<_, _>>()?;
+    publish(channel, settings, &records).await?;
+    sqlx::query("DELETE FROM outbox_statements WHERE first_seq = ANY($1)")
+        .bind(&chosen)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::debug!(records = records.len(), "relayed (sweep)");
+    Ok(Round {
+        records: records.len(),
+        highest,
+        more,
+    })
+}
+
+/// One round over the per-record `outbox` of earlier releases.
+async fn sweep_per_record(
     pool: &PgPool,
     channel: &Channel,
     settings: &Settings,

@@ -1,7 +1,8 @@
-//! Appending to the write log. One statement per request: the records, their
-//! outbox rows and (with an `Idempotency-Key`) the key's claim are written
-//! together, so a crash can never leave a record without its outbox row or a
-//! key without its records.
+//! Appending to the write log. One statement per request: the records, the
+//! statement's outbox row (naming every seq it took) and (with an
+//! `Idempotency-Key`) the key's claim are written together, so a crash can
+//! never leave a record without its outbox entry or a key without its
+//! records.
 
 use sha2::{Digest, Sha256};
 use shared::{db, ApiError, FieldError, NewRecord, Record};
@@ -32,11 +33,19 @@ pub fn request_hash(endpoint: &str, body: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
+// The column default (`next_record_seq()`) takes the transaction id before
+// each seq, as the watermark needs (see the write log's migration), in a
+// PL/pgSQL call per row. Here the id is taken once, in `xid`, and every
+// `nextval` depends on it, so PostgreSQL cannot run one before it.
 const INSERT: &str = r#"
-    INSERT INTO records (id, kind, key, payload, created_at)
-    SELECT t.id, t.kind, t.key, t.payload::json, $5
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(id, kind, key, payload, ord)
+    INSERT INTO records (seq, id, kind, key, payload, created_at)
+    SELECT CASE WHEN x.xid IS NOT NULL THEN nextval('records_seq') END,
+           t.id, t.kind, t.key, t.payload::json, $5
+    FROM xid x, unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(id, kind, key, payload, ord)
 "#;
+const XID: &str = "xid AS MATERIALIZED (SELECT pg_current_xact_id() AS xid)";
+const OUTBOX: &str =
+    "ob AS (INSERT INTO outbox_statements (first_seq, seqs) SELECT min(seq), array_agg(seq) FROM ins HAVING count(*) > 0)";
 
 pub async fn append(
     pool: &PgPool,
@@ -105,8 +114,7 @@ pub async fn insert(
 
     let sql = match idempotency {
         None => format!(
-            "WITH ins AS ({INSERT} ORDER BY t.ord RETURNING seq, id), \
-             ob AS (INSERT INTO outbox (seq) SELECT seq FROM ins) \
+            "WITH {XID}, ins AS ({INSERT} ORDER BY t.ord RETURNING seq, id), {OUTBOX} \
              SELECT seq, id FROM ins"
         ),
         // The claim conflicts with a live key (or waits for an in-flight
@@ -117,10 +125,9 @@ pub async fn insert(
                 ON CONFLICT (caller, key) DO UPDATE \
                   SET request_hash = EXCLUDED.request_hash, record_ids = EXCLUDED.record_ids, created_at = now() \
                   WHERE idempotency_keys.created_at < now() - interval '24 hours' \
-                RETURNING 1), \
+                RETURNING 1), {XID}, \
              ins AS ({INSERT} WHERE EXISTS (SELECT 1 FROM claim) ORDER BY t.ord RETURNING seq, id), \
-             ob AS (INSERT INTO outbox (seq) SELECT seq FROM ins) \
-             SELECT seq, id FROM ins"
+             {OUTBOX} SELECT seq, id FROM ins"
         ),
     };
     let mut q = sqlx::query(&sql)

@@ -12,7 +12,6 @@ use shared::{
     testkit::{self, ProxyMode, TcpProxy},
     ApiError, NewRecord,
 };
-use sqlx::PgPool;
 
 #[tokio::test]
 async fn post_commits_publishes_and_answers_the_record() {
@@ -120,7 +119,7 @@ async fn bad_input_is_refused_cleanly_and_writes_nothing() {
     fields.sort();
     assert_eq!(fields, ["key", "kind", "payload"]);
     assert_eq!(app.count("records").await, 0);
-    assert_eq!(app.count("outbox").await, 0);
+    assert_eq!(app.outbox_records().await, 0);
 }
 
 #[tokio::test]
@@ -364,7 +363,7 @@ async fn writes_succeed_while_the_broker_is_down_and_drain_when_it_returns() {
         assert_eq!(res.status(), 201);
     }
     assert_eq!(
-        app.count("outbox").await,
+        app.outbox_records().await,
         20,
         "held in the outbox while the broker is away"
     );
@@ -383,6 +382,59 @@ async fn writes_succeed_while_the_broker_is_down_and_drain_when_it_returns() {
     }
     proxy.set_mode(ProxyMode::Pass);
     assert!(app.outbox_drained(Duration::from_secs(15)).await);
+}
+
+#[tokio::test]
+async fn the_sweep_publishes_whole_statements_and_the_previous_releases_outbox() {
+    let mut settings = testkit::isolated_settings().await;
+    let proxy = TcpProxy::start(testkit::socket_addr(&settings.amqp_url).await).await;
+    proxy.set_mode(ProxyMode::Reset);
+    settings.amqp_url = proxy.url(&settings.amqp_url);
+    // Smaller than most statements below: a round takes whole statements,
+    // as many as fit, and at least one however large.
+    settings.relay_batch_size = 250;
+    let app = TestApp::spawn_with(settings).await;
+    let mut expected = Vec::new();
+    for (b, n) in [200, 300, 1, 200, 49].into_iter().enumerate() {
+        let items: Vec<Value> = (0..n)
+            .map(|i| json!({"kind": "sweep", "key": format!("b{b}-{i}"), "payload": {"i": i}}))
+            .collect();
+        let res = app.post_json("/data/batch", &Value::Array(items)).await;
+        assert_eq!(res.status(), 201);
+        let body: Value = res.json().await.unwrap();
+        for r in body["items"].as_array().unwrap() {
+            expected.push(r["seq"].as_i64().unwrap());
+        }
+    }
+    // What a command-api of the previous release writes: a row per record
+    // in `outbox`, seqs from the column default.
+    let legacy: Vec<i64> = sqlx::query_scalar(
+        "WITH ins AS (INSERT INTO records (id, kind, key, payload, created_at) \
+           SELECT gen_random_uuid(), 'legacy', NULL, '{}'::json, now() FROM generate_series(1, 7) \
+           RETURNING seq), \
+         ob AS (INSERT INTO outbox (seq) SELECT seq FROM ins) SELECT seq FROM ins",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    expected.extend(&legacy);
+    assert_eq!(
+        app.count("outbox_statements").await,
+        5,
+        "a row per statement"
+    );
+    assert_eq!(app.outbox_records().await, 757);
+
+    proxy.set_mode(ProxyMode::Pass);
+    assert!(
+        app.outbox_drained(Duration::from_secs(20)).await,
+        "drained after the broker returned"
+    );
+    let msgs = app.consume_records(757, Duration::from_secs(15)).await;
+    let mut got: Vec<i64> = msgs.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    got.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(got, expected, "every record published exactly once");
 }
 
 #[tokio::test]
@@ -635,29 +687,42 @@ async fn the_relay_lingers_so_rounds_carry_several_commits() {
 #[tokio::test]
 async fn vacuum_keeps_the_outbox_pages_so_appends_never_wait_for_a_truncation() {
     let app = TestApp::spawn().await;
-    // A burst's worth of outbox rows far above any real seq, gone again
-    // before the relay's sweep would look at them (rows older than 1 s).
-    sqlx::query(
-        "INSERT INTO outbox (seq) SELECT g FROM generate_series(1000000000001, 1000000010000) g",
-    )
-    .execute(&app.db)
-    .await
-    .unwrap();
-    let size = |db: PgPool| async move {
-        sqlx::query_scalar::<_, i64>("SELECT pg_relation_size('outbox')")
-            .fetch_one(&db)
+    // A burst's worth of outbox rows far above any real seq, in both tables,
+    // gone again before the relay's sweep would look at them (rows older
+    // than 1 s).
+    for (table, insert) in [
+        (
+            "outbox_statements",
+            "INSERT INTO outbox_statements (first_seq, seqs) \
+             SELECT g, ARRAY[g] FROM generate_series(1000000000001, 1000000010000) g",
+        ),
+        (
+            "outbox",
+            "INSERT INTO outbox (seq) SELECT g FROM generate_series(1000000000001, 1000000010000) g",
+        ),
+    ] {
+        sqlx::query(insert).execute(&app.db).await.unwrap();
+        let size = || async {
+            sqlx::query_scalar::<_, i64>("SELECT pg_relation_size($1::regclass)")
+                .bind(table)
+                .fetch_one(&app.db)
+                .await
+                .unwrap()
+        };
+        let before = size().await;
+        let key = if table == "outbox" { "seq" } else { "first_seq" };
+        sqlx::query(&format!("DELETE FROM {table} WHERE {key} > 1000000000000"))
+            .execute(&app.db)
             .await
-            .unwrap()
-    };
-    let before = size(app.db.clone()).await;
-    sqlx::query("DELETE FROM outbox WHERE seq > 1000000000000")
-        .execute(&app.db)
-        .await
-        .unwrap();
-    sqlx::query("VACUUM outbox").execute(&app.db).await.unwrap();
-    let after = size(app.db.clone()).await;
-    assert!(before > 100_000, "the burst filled {before} bytes");
-    // A truncating VACUUM would have given the empty tail back (0 bytes)
-    // under an ACCESS EXCLUSIVE lock.
-    assert_eq!(after, before, "VACUUM truncated the outbox");
+            .unwrap();
+        sqlx::query(&format!("VACUUM {table}"))
+            .execute(&app.db)
+            .await
+            .unwrap();
+        let after = size().await;
+        assert!(before > 100_000, "the burst filled {before} bytes of {table}");
+        // A truncating VACUUM would have given the empty tail back (0 bytes)
+        // under an ACCESS EXCLUSIVE lock.
+        assert_eq!(after, before, "VACUUM truncated {table}");
+    }
 }

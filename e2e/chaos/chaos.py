@@ -49,6 +49,10 @@ DEPS = ROOT / "deploy" / "local" / "deps.sh"
 CLIENT_TIMEOUT = 5.0  # seconds: a request slower than this "hung"
 READ_BUDGET_MS = 500.0  # the read latency budget (p99) with Redis degraded
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Records the outbox holds: a row per appending statement, plus the per-record
+# table a previous release writes during a rolling upgrade.
+OUTBOX_RECORDS = ("SELECT (SELECT count(*) FROM outbox) + "
+                  "(SELECT coalesce(sum(cardinality(seqs)), 0) FROM outbox_statements)::bigint")
 
 
 def log(msg: str) -> None:
@@ -586,7 +590,7 @@ class Stream:
     writes: list = field(default_factory=list)
     problems: list = field(default_factory=list)  # wrong answers seen while running
     cache: list = field(default_factory=list)  # X-Cache of each GET by id answered 200
-    samples: list = field(default_factory=list)  # (t, outbox rows, seq head, watermark)
+    samples: list = field(default_factory=list)  # (t, outbox records, seq head, watermark)
     stop_flag: threading.Event = field(default_factory=threading.Event)
     threads: list = field(default_factory=list)
     rr: int = 0
@@ -630,7 +634,7 @@ class Stream:
             try:
                 # The watermark first: head - watermark never understates the lag.
                 wm = d.psql(d.read_url, "SELECT watermark FROM projection_state", timeout=2)[0]
-                ob, head = d.psql(d.db_url, "SELECT (SELECT count(*) FROM outbox), "
+                ob, head = d.psql(d.db_url, f"SELECT ({OUTBOX_RECORDS}), "
                                             "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
                                             "FROM records_seq)", timeout=2)[0].split("|")
                 self.samples.append((t, int(ob), int(head), int(wm)))
@@ -794,7 +798,7 @@ class Result:
     w_p99: float | None = None
     r_p99: float | None = None
     acked_in_fault: int = 0
-    outbox_peak: int | None = None  # outbox rows, highest sample during the fault
+    outbox_peak: int | None = None  # outbox records, highest sample during the fault
     lag_peak: int | None = None  # write log head - watermark, highest sample during the fault
     drain_s: float | None = None
     notes: list = field(default_factory=list)
@@ -1014,7 +1018,7 @@ class Battery:
         client = Client()
         while time.monotonic() - t0 < self.scale.drain_timeout:
             try:
-                outbox = int(d.psql(d.db_url, "SELECT count(*) FROM outbox")[0])
+                outbox = int(d.psql(d.db_url, OUTBOX_RECORDS)[0])
                 status = None
                 for port in stream.ports("query"):
                     try:
@@ -1068,7 +1072,7 @@ class Battery:
                 "coalesce(md5(string_agg(id::text || ':' || seq, ',' ORDER BY seq)), '') FROM records"
             wc, wd, wmax, wmd5 = d.psql(d.db_url, q)[0].split("|")
             rc, rd_, rmax, rmd5 = d.psql(d.read_url, q)[0].split("|")
-            outbox = int(d.psql(d.db_url, "SELECT count(*) FROM outbox")[0])
+            outbox = int(d.psql(d.db_url, OUTBOX_RECORDS)[0])
             wm = int(d.psql(d.read_url, "SELECT watermark FROM projection_state")[0])
             w_ids = set(d.psql(d.db_url, f"SELECT id FROM records WHERE payload->>'s' = '{name}'"))
             r_ids = set(d.psql(d.read_url, f"SELECT id FROM records WHERE (doc::json)->'payload'->>'s' = '{name}'"))
@@ -1086,7 +1090,7 @@ class Battery:
             if wc != wd:
                 res.fail(f"write log holds duplicate ids ({wc} rows, {wd} ids)")
             if outbox:
-                res.fail(f"{outbox} outbox row(s) still pending")
+                res.fail(f"{outbox} outbox record(s) still pending")
             if wm < int(wmax):
                 res.fail(f"watermark {wm} below the write log's max seq {wmax}")
             if res.dup:
@@ -1154,7 +1158,7 @@ def report(results: list[Result], scale: Scale, started: float, deps: Deps | Non
           f"{READ_BUDGET_MS:.0f} ms. Took {time.monotonic() - started:.0f} s.", "",
           "`503` and `conn errors` are expected during faults (clients retry them); `other 5xx`, `timeouts`, "
           "`lost` and `dup` must be 0. p99s are over the HTTP attempts that started during the fault; "
-          "`outbox peak` (rows waiting for the broker) and `lag peak` (write log head minus the projection's "
+          "`outbox peak` (records waiting for the broker) and `lag peak` (write log head minus the projection's "
           "watermark, in seqs) are the highest of the twice-a-second samples taken during the fault.", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -64,10 +64,14 @@ pub async fn create(
                 store::append(&state.pool, vec![record], Some(key)),
             )
             .await?;
-            let (status, mut records) = outcome(appended, &state);
+            let (status, records) = outcome(appended);
             let record = records
-                .pop()
+                .first()
+                .cloned()
                 .ok_or_else(|| ApiError::unavailable("postgres", "no record returned"))?;
+            if status == StatusCode::CREATED {
+                state.relay.committed(records);
+            }
             (status, record)
         }
     };
@@ -109,17 +113,28 @@ pub async fn create_batch(
         request_hash: store::request_hash("/data/batch", &body),
     });
     let appended = db::bounded(state.db_timeout, store::append(&state.pool, records, key)).await?;
-    let (status, items) = outcome(appended, &state);
-    Ok(HttpResponse::build(status).json(BatchResponse { items }))
+    let (status, items) = outcome(appended);
+    // Answered from a borrow, so the records move to the relay uncopied.
+    // Cannot fail, as `Record::to_json` says.
+    let body = serde_json::to_vec(&BatchResponseRef { items: &items }).expect("records serialise");
+    if status == StatusCode::CREATED {
+        state.relay.committed(items);
+    }
+    Ok(HttpResponse::build(status)
+        .content_type("application/json")
+        .body(body))
 }
 
-fn outcome(appended: Appended, state: &AppState) -> (StatusCode, Vec<Record>) {
+#[derive(Serialize)]
+struct BatchResponseRef<'a> {
+    items: &'a [Record],
+}
+
+/// New records go to the relay (published now rather than at its next
+/// sweep); a replay's were published when they were created.
+fn outcome(appended: Appended) -> (StatusCode, Vec<Record>) {
     match appended {
-        Appended::Created(records) => {
-            // Published now rather than at the relay's next sweep.
-            state.relay.committed(records.clone());
-            (StatusCode::CREATED, records)
-        }
+        Appended::Created(records) => (StatusCode::CREATED, records),
         Appended::Replayed(records) => (StatusCode::OK, records),
     }
 }
