@@ -36,7 +36,7 @@ use lapin::{
     BasicProperties, Channel,
 };
 use shared::{amqp, bus, shutdown::Shutdown, Record, Settings};
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 #[derive(Default)]
@@ -378,19 +378,17 @@ async fn sweep_statements(
     .bind(&chosen)
     .fetch_all(&mut *tx)
     .await?;
-    let records: Vec<Record> = rows
-        .iter()
-        .map(shared::db::record_from_row)
-        .collect::<Result<_, _>>()?;
-    publish(channel, settings, &records).await?;
-    sqlx::query("DELETE FROM outbox_statements WHERE first_seq = ANY($1)")
-        .bind(&chosen)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    tracing::debug!(records = records.len(), "relayed (sweep)");
+    let records = publish_and_clear(
+        tx,
+        channel,
+        settings,
+        &rows,
+        "DELETE FROM outbox_statements WHERE first_seq = ANY($1)",
+        &chosen,
+    )
+    .await?;
     Ok(Round {
-        records: records.len(),
+        records,
         highest,
         more,
     })
@@ -416,22 +414,46 @@ async fn sweep_per_record(
     .bind(min_age.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
-    if rows.is_empty() {
+    let seqs: Vec<i64> = rows
+        .iter()
+        .map(|r| r.try_get("seq"))
+        .collect::<Result<_, _>>()?;
+    let Some(&highest) = seqs.last() else {
         return Ok((0, floor));
-    }
+    };
+    let n = publish_and_clear(
+        tx,
+        channel,
+        settings,
+        &rows,
+        "DELETE FROM outbox WHERE seq = ANY($1)",
+        &seqs,
+    )
+    .await?;
+    Ok((n, highest))
+}
+
+/// The end of a sweep round: publishes the records in `rows`, waits for the
+/// confirms, then deletes the outbox rows named by `keys` and commits (a row
+/// never leaves the outbox before RabbitMQ confirmed its records). Returns
+/// how many records went out.
+async fn publish_and_clear(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    channel: &Channel,
+    settings: &Settings,
+    rows: &[sqlx::postgres::PgRow],
+    delete: &str,
+    keys: &[i64],
+) -> Result<usize, RelayError> {
     let records: Vec<Record> = rows
         .iter()
         .map(shared::db::record_from_row)
         .collect::<Result<_, _>>()?;
     publish(channel, settings, &records).await?;
-    let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
-    sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
-        .bind(&seqs)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(delete).bind(keys).execute(&mut *tx).await?;
     tx.commit().await?;
-    tracing::debug!(records = seqs.len(), "relayed (sweep)");
-    Ok((seqs.len(), seqs.last().copied().unwrap_or(floor)))
+    tracing::debug!(records = records.len(), "relayed (sweep)");
+    Ok(records.len())
 }
 
 /// Publishes `records` as messages of up to `RELAY_MESSAGE_RECORDS` and
