@@ -1,4 +1,5 @@
-//! Group commit for single-record `POST /data`.
+//! Group commit for single-record `POST /data`, one committer per HTTP
+//! worker (see `startup`).
 //!
 //! Under load most of the write path's cost is per statement, not per
 //! record: a round trip, a plan, a commit and its WAL flush. Requests that

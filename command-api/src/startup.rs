@@ -16,7 +16,6 @@ pub struct AppState {
     pub pool: PgPool,
     pub db_timeout: Duration,
     pub relay: RelayHandle,
-    pub writer: GroupCommitter,
     pub relay_status: Arc<RelayStatus>,
 }
 
@@ -52,29 +51,39 @@ impl Application {
 
         let listener = TcpListener::bind(settings.bind_address())?;
         let port = listener.local_addr()?.port();
-        let writer = GroupCommitter::start(
-            pool.clone(),
-            relay_handle.clone(),
-            settings.db_request_timeout,
-            settings.write_group_in_flight,
-            settings.write_group_max,
-        );
+        let group = GroupSettings {
+            timeout: settings.db_request_timeout,
+            in_flight: settings.write_group_in_flight,
+            max: settings.write_group_max,
+        };
         let state = web::Data::new(AppState {
             pool,
             db_timeout: settings.db_request_timeout,
             relay: relay_handle,
-            writer,
             relay_status,
         });
         let limit = http::InFlightLimit::new(settings.max_in_flight);
         let guard = shared::auth::Guard::from_settings(&settings, shared::auth::SCOPE_WRITE)?;
         let server = HttpServer::new(move || {
+            // Each HTTP worker runs its own single-threaded runtime. Its
+            // group committer and that committer's connections live on it,
+            // so a single POST is parsed, appended and answered on one
+            // thread: no hand-off to another thread and back, each of which
+            // waits for a core when the machine is busy.
+            let writer = GroupCommitter::start(
+                db::sibling(&state.pool, group.in_flight as u32 + 1),
+                state.relay.clone(),
+                group.timeout,
+                group.in_flight,
+                group.max,
+            );
             App::new()
                 .wrap(from_fn(shared::auth::guard))
                 .wrap(from_fn(http::shed_load))
                 .wrap(from_fn(telemetry::track_requests))
                 .wrap(from_fn(http::limit_headers))
                 .app_data(state.clone())
+                .app_data(web::Data::new(writer))
                 .app_data(limit.clone())
                 .app_data(guard.clone())
                 .app_data(http::query_config())
@@ -114,6 +123,14 @@ impl Application {
         tracing::info!("command-api stopped");
         Ok(())
     }
+}
+
+/// Group commit, per HTTP worker.
+#[derive(Clone, Copy)]
+struct GroupSettings {
+    timeout: Duration,
+    in_flight: usize,
+    max: usize,
 }
 
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {

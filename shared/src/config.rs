@@ -143,7 +143,7 @@ impl Settings {
             watermark_interval: Duration::from_millis(var("WATERMARK_INTERVAL_MS", 10)?),
             shutdown_timeout: Duration::from_secs(var("SHUTDOWN_TIMEOUT_SECONDS", 20)?),
             max_in_flight: var("MAX_IN_FLIGHT", 2_048)?,
-            write_group_in_flight: var("WRITE_GROUP_IN_FLIGHT", 2)?,
+            write_group_in_flight: var("WRITE_GROUP_IN_FLIGHT", 1)?,
             write_group_max: var("WRITE_GROUP_MAX", 500)?,
             auth: AuthSettings {
                 disabled: var("AUTH_DISABLED", false)?,

@@ -80,6 +80,20 @@ fn build(
         .connect_lazy_with(options))
 }
 
+/// A new, empty pool of `size` connections with `pool`'s connection
+/// settings and timeouts. Connections register with the runtime that opens
+/// them, so a pool made on a thread that keeps its own runtime (an HTTP
+/// worker) keeps its I/O on that thread.
+pub fn sibling(pool: &PgPool, size: u32) -> PgPool {
+    let options = pool.options();
+    PgPoolOptions::new()
+        .max_connections(size)
+        .min_connections(0)
+        .acquire_timeout(options.get_acquire_timeout())
+        .test_before_acquire(false)
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
 /// True when `e` means "the server is not there" rather than "the statement
 /// was wrong": connection refused, reset, timed out, or the pool gave up.
 pub fn is_connectivity(e: &sqlx::Error) -> bool {

@@ -11,6 +11,7 @@ use shared::{
 
 use crate::{
     body::{read_limited, require_json},
+    group::GroupCommitter,
     startup::AppState,
     store::{self, Appended, IdempotencyKey},
 };
@@ -40,6 +41,7 @@ pub async fn create(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
+    writer: web::Data<GroupCommitter>,
 ) -> Result<HttpResponse, ApiError> {
     require_json(&req)?;
     let idem = idempotency_key(&req)?;
@@ -50,7 +52,7 @@ pub async fn create(
         // record to the relay).
         None => (
             StatusCode::CREATED,
-            db::bounded(state.db_timeout, state.writer.append(record)).await?,
+            db::bounded(state.db_timeout, writer.append(record)).await?,
         ),
         Some(key) => {
             let caller = shared::auth::Caller::of(&req);
