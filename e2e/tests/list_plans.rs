@@ -1,0 +1,114 @@
+//! The list queries' plans on a read model whose kinds and keys are skewed
+//! over `seq` (a kind or key written only long ago). PostgreSQL caches a
+//! generic plan for a prepared statement after a few executions; that plan
+//! must still read about one page of an index, not walk the table.
+
+use query_api::replicas::list_sql;
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
+
+const OLD: i64 = 30_000;
+const NEW: i64 = 30_000;
+
+/// Rows thrown away by filters anywhere in a plan.
+fn removed(plan: &Value) -> i64 {
+    plan["Rows Removed by Filter"].as_i64().unwrap_or(0)
+        + plan["Plans"]
+            .as_array()
+            .map_or(0, |c| c.iter().map(removed).sum())
+}
+
+#[tokio::test]
+async fn every_list_filter_reads_one_index_page_under_a_generic_plan() {
+    let settings = shared::testkit::isolated_settings().await;
+    let mut db = PgConnection::connect(settings.read_primary_url())
+        .await
+        .unwrap();
+    // Kind "old" and key "k-old" only below seq 30,000; "new" above.
+    sqlx::query(
+        "INSERT INTO records (seq, id, kind, key, doc) \
+         SELECT s, gen_random_uuid(), CASE WHEN s <= $1 THEN 'old' ELSE 'new' END, \
+                CASE WHEN s <= $1 THEN 'k-old' ELSE 'k-new' END, '{}' \
+         FROM generate_series(1, $1 + $2) AS s",
+    )
+    .bind(OLD)
+    .bind(NEW)
+    .execute(&mut db)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE projection_state SET watermark = $1")
+        .bind(OLD + NEW)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE records")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut db)
+        .await
+        .unwrap();
+
+    let top = i64::MAX;
+    let cases = [
+        (
+            "none",
+            list_sql(false, false),
+            "bigint,bigint,bigint",
+            String::new(),
+        ),
+        (
+            "kind",
+            list_sql(true, false),
+            "bigint,bigint,bigint,text",
+            ", 'old'".into(),
+        ),
+        (
+            "key",
+            list_sql(false, true),
+            "bigint,bigint,bigint,text",
+            ", 'k-old'".into(),
+        ),
+        (
+            "kind+key",
+            list_sql(true, true),
+            "bigint,bigint,bigint,text,text",
+            ", 'old', 'k-old'".into(),
+        ),
+    ];
+    for (name, sql, types, filter) in cases {
+        sqlx::raw_sql(&format!(
+            "PREPARE list_{name_id}({types}) AS {sql}",
+            name_id = name.replace('+', "_")
+        ))
+        .execute(&mut db)
+        .await
+        .unwrap();
+        let (plan,): (Value,) = sqlx::query_as(&format!(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE list_{}({top}, {top}, 51{filter})",
+            name.replace('+', "_")
+        ))
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        let root = &plan[0]["Plan"];
+        assert_eq!(
+            root["Actual Rows"].as_i64(),
+            Some(51),
+            "{name}: one page of 51 rows: {plan}"
+        );
+        // A node's buffer counts include its children's.
+        let buffers = root["Shared Hit Blocks"].as_i64().unwrap_or(0)
+            + root["Shared Read Blocks"].as_i64().unwrap_or(0);
+        let removed = removed(root);
+        assert!(
+            removed < 100,
+            "{name}: the plan threw away {removed} rows to find one page: {plan}"
+        );
+        assert!(
+            buffers < 200,
+            "{name}: {buffers} buffers for one page: {plan}"
+        );
+    }
+}
