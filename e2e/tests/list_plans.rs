@@ -78,16 +78,13 @@ async fn every_list_filter_reads_one_index_page_under_a_generic_plan() {
         ),
     ];
     for (name, sql, types, filter) in cases {
-        sqlx::raw_sql(&format!(
-            "PREPARE list_{name_id}({types}) AS {sql}",
-            name_id = name.replace('+', "_")
-        ))
-        .execute(&mut db)
-        .await
-        .unwrap();
+        let statement = format!("list_{}", name.replace('+', "_"));
+        sqlx::raw_sql(&format!("PREPARE {statement}({types}) AS {sql}"))
+            .execute(&mut db)
+            .await
+            .unwrap();
         let (plan,): (Value,) = sqlx::query_as(&format!(
-            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE list_{}({top}, {top}, 51{filter})",
-            name.replace('+', "_")
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {statement}({top}, {top}, 51{filter})"
         ))
         .fetch_one(&mut db)
         .await
