@@ -51,11 +51,7 @@ impl Application {
 
         let listener = TcpListener::bind(settings.bind_address())?;
         let port = listener.local_addr()?.port();
-        let group = GroupSettings {
-            timeout: settings.db_request_timeout,
-            in_flight: settings.write_group_in_flight,
-            max: settings.write_group_max,
-        };
+        let group = settings.clone();
         let state = web::Data::new(AppState {
             pool,
             db_timeout: settings.db_request_timeout,
@@ -71,11 +67,11 @@ impl Application {
             // thread: no hand-off to another thread and back, each of which
             // waits for a core when the machine is busy.
             let writer = GroupCommitter::start(
-                db::sibling(&state.pool, group.in_flight as u32 + 1),
+                db::sibling(&state.pool, group.write_group_in_flight as u32 + 1),
                 state.relay.clone(),
-                group.timeout,
-                group.in_flight,
-                group.max,
+                group.db_request_timeout,
+                group.write_group_in_flight,
+                group.write_group_max,
             );
             App::new()
                 .wrap(from_fn(shared::auth::guard))
@@ -123,14 +119,6 @@ impl Application {
         tracing::info!("command-api stopped");
         Ok(())
     }
-}
-
-/// Group commit, per HTTP worker.
-#[derive(Clone, Copy)]
-struct GroupSettings {
-    timeout: Duration,
-    in_flight: usize,
-    max: usize,
 }
 
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {

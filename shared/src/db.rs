@@ -72,12 +72,16 @@ fn build(
     let options = PgConnectOptions::from_str(url)?
         .application_name(app)
         .options(server);
-    Ok(PgPoolOptions::new()
+    Ok(lazy(options, size, settings.db_acquire_timeout))
+}
+
+fn lazy(options: PgConnectOptions, size: u32, acquire_timeout: std::time::Duration) -> PgPool {
+    PgPoolOptions::new()
         .max_connections(size)
         .min_connections(0)
-        .acquire_timeout(settings.db_acquire_timeout)
+        .acquire_timeout(acquire_timeout)
         .test_before_acquire(false)
-        .connect_lazy_with(options))
+        .connect_lazy_with(options)
 }
 
 /// A new, empty pool of `size` connections with `pool`'s connection
@@ -85,13 +89,11 @@ fn build(
 /// them, so a pool made on a thread that keeps its own runtime (an HTTP
 /// worker) keeps its I/O on that thread.
 pub fn sibling(pool: &PgPool, size: u32) -> PgPool {
-    let options = pool.options();
-    PgPoolOptions::new()
-        .max_connections(size)
-        .min_connections(0)
-        .acquire_timeout(options.get_acquire_timeout())
-        .test_before_acquire(false)
-        .connect_lazy_with((*pool.connect_options()).clone())
+    lazy(
+        (*pool.connect_options()).clone(),
+        size,
+        pool.options().get_acquire_timeout(),
+    )
 }
 
 /// True when `e` means "the server is not there" rather than "the statement
