@@ -339,6 +339,37 @@ rabbit_stop() {
     fi
 }
 
+# rabbit_dist_port AMQP_PORT: the Erlang distribution port for a private node.
+# port+20000 like RabbitMQ's default (5672 -> 25672) when that is usable,
+# else the first usable one from 20000 + (its last four digits) up. Never in
+# the kernel's ephemeral range (an outgoing connection may hold such a port
+# by the time the node binds it, and the node then fails to start), nor in
+# the CLI's own range 35672-35682.
+rabbit_dist_port() {
+    local amqp="$1" lo=32768 hi=60999 p
+    read -r lo hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+    usable() {
+        (($1 >= 1024 && $1 <= 65535 && $1 != amqp)) &&
+            ! (($1 >= lo && $1 <= hi)) && ! (($1 >= 35672 && $1 <= 35682)) && port_free "$1"
+    }
+    p=$((amqp + 20000))
+    if usable "$p"; then
+        echo "$p"
+        return 0
+    fi
+    # Started from the AMQP port's last four digits, so two nodes set up side
+    # by side (the tests) rarely look at the same ports.
+    local start=$((20000 + amqp % 10000)) i
+    for ((i = 0; i < 64512; i++)); do
+        p=$((1024 + (start - 1024 + i) % 64512))
+        if usable "$p"; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
 rabbit_start() {
     local url="$1" port="$2"
     local dir target user node dist
@@ -356,14 +387,7 @@ rabbit_start() {
     require_free_port "$port" RabbitMQ
     [[ -n $(rabbit_bin rabbitmq-server) ]] || die "rabbitmq-server not found"
 
-    # Erlang distribution port: port+20000 like RabbitMQ's default, or below
-    # when that overflows; away from the CLI's range 35672-35682.
-    dist=$((port + 20000))
-    ((dist <= 65535)) || dist=$((port - 10000))
-    while ! port_free "$dist" || ((dist >= 35672 && dist <= 35682)) || ((dist == port)); do
-        dist=$((dist + 1))
-        ((dist <= 65535)) || dist=20000
-    done
+    dist="$(rabbit_dist_port "$port")" || die "no free port for RabbitMQ's Erlang distribution"
 
     user="$(rabbit_user)"
     own_dir "$user" "$dir" "$dir/mnesia" "$dir/log"
