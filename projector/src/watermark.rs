@@ -171,24 +171,25 @@ impl Tracker {
 
     /// One step; true while there is work in sight (poll again soon).
     async fn tick(&mut self) -> Result<bool, WatermarkError> {
-        let head: i64 = sqlx::query_scalar(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM records_seq",
+        // `head`, then a transaction id drawn *after* reading it: every
+        // writer that holds a seq <= head took its own id before that, so its
+        // id is lower. (A snapshot alone cannot tell: ids above its xmax are
+        // not listed.) One round trip: the sequence is scanned before the
+        // select list runs, and the id is drawn only when there is a new head
+        // to settle (an idle loop consumes no transaction ids).
+        let (head, horizon): (i64, Option<String>) = sqlx::query_as(
+            "SELECT head, CASE WHEN head > $1 AND head IS DISTINCT FROM $2 \
+                               THEN pg_current_xact_id()::text END \
+             FROM (SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS head FROM records_seq) s",
         )
+        .bind(self.watermark)
+        .bind(self.pending.back().map(|p| p.0))
         .fetch_one(&self.write)
         .await?;
         metrics::WRITE_LOG_HEAD.set(head);
-        // A transaction id drawn *after* reading `head`: every writer that
-        // holds a seq <= head took its own id before that, so its id is lower.
-        // (A snapshot alone cannot tell: ids above its xmax are not listed.)
-        let horizon: Option<u64> =
-            if head > self.watermark && self.pending.back().map(|p| p.0) != Some(head) {
-                let x: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
-                    .fetch_one(&self.write)
-                    .await?;
-                Some(x.parse().map_err(|_| WatermarkError::Snapshot(x))?)
-            } else {
-                None
-            };
+        let horizon: Option<u64> = horizon
+            .map(|x| x.parse().map_err(|_| WatermarkError::Snapshot(x)))
+            .transpose()?;
         // Taken after `horizon` committed, so every id below it that is still
         // running is listed here.
         // Transaction ids are cluster-wide: those of sessions in other
