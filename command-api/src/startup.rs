@@ -1,6 +1,6 @@
 //! Building and running the command API: pool, migrations, relay, server.
 
-use std::{net::TcpListener, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use actix_web::{dev::Server, middleware::from_fn, web, App, HttpServer};
 use shared::{db, http, shutdown, telemetry, Settings};
@@ -49,7 +49,7 @@ impl Application {
             stopped,
         ));
 
-        let listener = TcpListener::bind(settings.bind_address())?;
+        let listener = http::listen(settings.bind_address())?;
         let port = listener.local_addr()?.port();
         let group = settings.clone();
         let state = web::Data::new(AppState {

@@ -1,7 +1,7 @@
 //! Wiring the projector: read-model migrations, the consumer, the watermark
 //! loop and a small HTTP server for probes and metrics.
 
-use std::{net::TcpListener, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use actix_web::{dev::Server, middleware::from_fn, web, App, HttpResponse, HttpServer};
 use shared::{db, http, shutdown, telemetry, Settings};
@@ -60,7 +60,7 @@ impl Projector {
             )),
         ];
 
-        let listener = TcpListener::bind(settings.bind_address())?;
+        let listener = shared::http::listen(settings.bind_address())?;
         let port = listener.local_addr()?.port();
         let state = web::Data::new(OpsState {
             applier,

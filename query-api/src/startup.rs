@@ -1,6 +1,6 @@
 //! Building and running the query API.
 
-use std::{net::TcpListener, time::Duration};
+use std::time::Duration;
 
 use actix_web::{
     body::MessageBody,
@@ -51,7 +51,7 @@ impl Application {
             read_wait: settings.read_wait,
             in_flight: InFlight::default(),
         });
-        let listener = TcpListener::bind(settings.bind_address())?;
+        let listener = http::listen(settings.bind_address())?;
         let port = listener.local_addr()?.port();
         let limit = http::InFlightLimit::new(settings.max_in_flight);
         let guard = shared::auth::Guard::from_settings(&settings, shared::auth::SCOPE_READ)?;
@@ -74,7 +74,6 @@ impl Application {
         .shutdown_timeout(settings.shutdown_timeout.as_secs())
         .client_request_timeout(Duration::from_secs(5))
         .client_disconnect_timeout(Duration::from_secs(1))
-        .backlog(4096)
         .run();
         Ok(Self { port, server })
     }

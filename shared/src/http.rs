@@ -15,6 +15,46 @@ use tokio::sync::Semaphore;
 
 use crate::ApiError;
 
+/// The accept queue of the services' listening sockets. `std`'s `bind`
+/// listens with 128, which a burst of new connections overflows (a load
+/// generator starting its virtual users, clients reconnecting after a
+/// gateway restart): the kernel then drops their SYNs, and each such client
+/// waits a whole second for its retransmit. The kernel caps the value at
+/// `net.core.somaxconn` (4096 by default).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// A socket listening on `host:port` with [`LISTEN_BACKLOG`]. (actix-web's
+/// `HttpServer::backlog` applies only to the sockets it binds itself, not to
+/// one handed to `listen`, which is how the services learn a random port.)
+pub fn listen((host, port): (String, u16)) -> std::io::Result<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for addr in (host.as_str(), port).to_socket_addrs()? {
+        match listen_on(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{host}:{port} resolves to no address"),
+        )
+    }))
+}
+
+fn listen_on(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As `std` does: a restarted service binds at once, whatever its previous
+    // connections left in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// `GET /healthz`: the process is alive and serving.
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
@@ -165,3 +205,30 @@ pub async fn probe(port: u16, path: &str) -> Result<(), ProbeError> {
 #[derive(Debug, thiserror::Error)]
 #[error("health check failed: {0}")]
 pub struct ProbeError(String);
+
+#[cfg(test)]
+mod tests {
+    use std::{net::TcpStream, time::Duration};
+
+    /// A burst of connections that nobody accepts yet: the kernel completes
+    /// them all only with a queue longer than `std`'s 128 (it drops the SYNs
+    /// that find the queue full, and those clients time out here).
+    #[test]
+    fn the_accept_queue_holds_a_burst_of_new_connections() {
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(4096);
+        let burst = somaxconn.min(300);
+        let listener = super::listen(("127.0.0.1".into(), 0)).expect("listen");
+        let addr = listener.local_addr().expect("address");
+        let mut open = Vec::with_capacity(burst);
+        for i in 0..burst {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(stream) => open.push(stream),
+                Err(e) => panic!("connection {i} of {burst} not completed: {e}"),
+            }
+        }
+        assert_eq!(open.len(), burst);
+    }
+}
