@@ -37,6 +37,14 @@ pub static WRITE_LOG_HEAD: LazyLock<IntGauge> = LazyLock::new(|| {
     )
     .expect("metric")
 });
+pub static REAPPLIED_BATCHES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter_with_registry!(
+        "projector_reapplied_batches_total",
+        "Read-model inserts that met a record already applied (a redelivery, another replica, a catch-up) and were run again skipping it",
+        REGISTRY
+    )
+    .expect("metric")
+});
 pub static SPLIT_BATCHES: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter_with_registry!(
         "projector_split_batches_total",

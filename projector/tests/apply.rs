@@ -1,4 +1,5 @@
-//! Applying to the read model when a statement runs into `statement_timeout`.
+//! Applying to the read model: a statement that runs into `statement_timeout`,
+//! a batch that meets records already applied.
 
 use std::time::Duration;
 
@@ -72,4 +73,32 @@ async fn a_batch_that_times_out_is_applied_in_halves_around_the_record_that_cann
         doc.contains("\"n\":5"),
         "seq 5 is the record applied, not the blocker's: {doc}"
     );
+}
+
+#[tokio::test]
+async fn a_redelivered_batch_adds_only_the_records_not_applied_yet() {
+    let settings = testkit::isolated_settings().await;
+    let applier = Applier::new(&settings).unwrap();
+    let records: Vec<Record> = (1..=6).map(record).collect();
+    applier.apply(&records[..3]).await.unwrap();
+
+    let before = projector::metrics::REAPPLIED_BATCHES.get();
+    applier
+        .apply(&records)
+        .await
+        .expect("a batch overlapping applied records");
+    assert!(
+        projector::metrics::REAPPLIED_BATCHES.get() > before,
+        "the plain insert met seqs 1-3 and the batch ran again skipping them"
+    );
+    applier
+        .apply(&records)
+        .await
+        .expect("a batch applied in full already");
+
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT seq FROM records ORDER BY seq")
+        .fetch_all(&applier.read_pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, vec![1, 2, 3, 4, 5, 6], "each record once");
 }

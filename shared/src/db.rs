@@ -114,6 +114,10 @@ pub fn is_statement_timeout(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
 }
 
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
 /// Runs `migrator`, retrying for a while: in a deployment the database may
 /// come up after the service does.
 pub async fn migrate_with_retry(
