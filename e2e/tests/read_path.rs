@@ -523,7 +523,6 @@ async fn rebuild_reproduces_the_read_model_exactly() {
         [
             "records_id_key",
             "records_key_seq",
-            "records_kind_key_seq",
             "records_kind_seq",
             "records_pkey"
         ]
