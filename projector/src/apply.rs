@@ -152,14 +152,12 @@ pub async fn insert_read_model(
                 .await
         }
     };
-    match insert("").await {
-        Err(e) if db::is_unique_violation(&e) => {
-            crate::metrics::REAPPLIED_BATCHES.inc();
-            insert(" ON CONFLICT DO NOTHING").await?;
+    if let Err(e) = insert("").await {
+        if !db::is_unique_violation(&e) {
+            return Err(e);
         }
-        other => {
-            other?;
-        }
+        crate::metrics::REAPPLIED_BATCHES.inc();
+        insert(" ON CONFLICT DO NOTHING").await?;
     }
     Ok(())
 }

@@ -60,7 +60,7 @@ impl Projector {
             )),
         ];
 
-        let listener = shared::http::listen(settings.bind_address())?;
+        let listener = http::listen(settings.bind_address())?;
         let port = listener.local_addr()?.port();
         let state = web::Data::new(OpsState {
             applier,
