@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod group;
+pub mod metrics;
 pub mod openapi;
 pub mod relay;
 pub mod routes;

@@ -32,7 +32,7 @@ impl Application {
         if settings.run_migrations {
             db::migrate_with_retry(&db::WRITE_MIGRATOR, &pool).await?;
         }
-        let (relay_handle, fresh) = relay::fast_path();
+        let (relay_handle, fresh) = relay::fast_path(settings.relay_fast_path_records);
         let relay_status = Arc::new(RelayStatus::default());
         let (stop_relay, stopped) = shutdown::channel();
         // The relay's own connections: its commits (outbox DELETEs) may be

@@ -601,7 +601,7 @@ async fn concurrent_posts_are_group_committed_each_with_its_own_answer() {
 #[tokio::test]
 async fn a_record_postgres_refuses_fails_alone_in_its_group() {
     let app = TestApp::spawn().await;
-    let (relay, _fresh) = command_api::relay::fast_path();
+    let (relay, _fresh) = command_api::relay::fast_path(1_000);
     let writer = GroupCommitter::start(app.db.clone(), relay, Duration::from_secs(5), 1, 500);
     // Validation refuses U+0000 before it gets this far; PostgreSQL refuses
     // it too (22021), which makes it the one bad record in a group here.

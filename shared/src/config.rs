@@ -46,6 +46,10 @@ pub struct Settings {
     /// How long the fast path waits after the first committed batch for more
     /// to publish with it.
     pub relay_linger: Duration,
+    /// Records committed and not yet taken by the relay, at most; beyond
+    /// this the handlers stop handing records over and the sweep reads them
+    /// back from the outbox.
+    pub relay_fast_path_records: usize,
     /// Consumers (channels) per projector process, applying batches concurrently.
     pub projector_consumers: usize,
     pub projector_prefetch: u16,
@@ -136,6 +140,7 @@ impl Settings {
             relay_poll_interval: Duration::from_millis(var("RELAY_POLL_INTERVAL_MS", 250)?),
             relay_sweep_after: Duration::from_millis(var("RELAY_SWEEP_AFTER_MS", 1_000)?),
             relay_linger: Duration::from_millis(var("RELAY_LINGER_MS", 4)?),
+            relay_fast_path_records: var("RELAY_FAST_PATH_RECORDS", 100_000)?,
             projector_consumers: var("PROJECTOR_CONSUMERS", 2)?,
             projector_prefetch: var("PROJECTOR_PREFETCH", 64)?,
             projector_batch_size: var("PROJECTOR_BATCH_SIZE", 2_000)?,
