@@ -25,6 +25,10 @@
 #   GATEWAY=0           1: reads and writes through the gateway (GATEWAY_URL=http://127.0.0.1:8000)
 #   CMD_URL/QUERY_URL/PROJECTOR_URL  default :8080/:8081/:8082; TOKEN for a JWT
 #   COOLDOWN=3          seconds between runs; SETTLE_TIMEOUT=300 waits for the projector
+#   QUIET_TIMEOUT=900   after seeding: CHECKPOINT both databases, then wait (at most this
+#                       long) until dirty pages are written back (Dirty+Writeback <=
+#                       QUIET_DIRTY_MB=64) and the machine is idle (<= QUIET_BUSY=15% of
+#                       one core for 3 samples of 2 s); 0 skips the wait
 #   OUT                 result directory (default loadtest/results/<UTC timestamp>)
 #   BENCH_SELFTEST=1    exercise this script without the service: a second static nginx
 #                       on SELFTEST_PORT=8098 plays the stack (no seeding)
@@ -59,6 +63,9 @@ SEED_MODE="${SEED_MODE:-topup}"
 SEED_ARGS="${SEED_ARGS:-}"
 COOLDOWN="${COOLDOWN:-3}"
 SETTLE_TIMEOUT="${SETTLE_TIMEOUT:-300}"
+QUIET_TIMEOUT="${QUIET_TIMEOUT:-900}"
+QUIET_DIRTY_MB="${QUIET_DIRTY_MB:-64}"
+QUIET_BUSY="${QUIET_BUSY:-15}"
 GATEWAY="${GATEWAY:-0}"
 BENCH_SELFTEST="${BENCH_SELFTEST:-0}"
 SELFTEST_PORT="${SELFTEST_PORT:-8098}"
@@ -197,9 +204,46 @@ settle() {
   done
 }
 
+dirty_mb() { awk '/^(Dirty|Writeback):/{kb += $2} END{printf "%d", kb / 1024}' /proc/meminfo; }
+
+# After a large seed the machine goes on working for minutes: PostgreSQL's
+# checkpointer and the kernel write gigabytes back, and the VM reclaims page
+# cache. A pass that starts then measures the seed's aftermath, not the
+# service (run s14-cmp: ratios 1.6-4.2 at 12 M). So: checkpoint now, then wait
+# for the dirty pages to drain and the cores to go idle, and write down how
+# long that took.
+quiet_machine() { # log file
+  local logf="$1" t0 busy dirty calm=0 url
+  [ "$QUIET_TIMEOUT" -gt 0 ] || return 0
+  t0=$(date +%s)
+  # READ_DATABASE_URLS is comma-separated; the first one is the read model.
+  for url in "${DATABASE_URL:-}" "${READ_DATABASE_URLS%%,*}"; do
+    [ -n "$url" ] || continue
+    timeout "$QUIET_TIMEOUT" psql "$url" -Xq -c CHECKPOINT >/dev/null 2>&1 ||
+      log "CHECKPOINT on ${url##*/} failed (not a superuser?); waiting for writeback only"
+  done
+  while :; do
+    dirty="$(dirty_mb)"
+    busy="$(machine_busy_pct)"
+    if [ "$dirty" -le "$QUIET_DIRTY_MB" ] && [ "$busy" -le "$QUIET_BUSY" ]; then
+      calm=$((calm + 1))
+      [ "$calm" -ge 3 ] && break
+    else
+      calm=0
+    fi
+    if [ $(($(date +%s) - t0)) -ge "$QUIET_TIMEOUT" ]; then
+      log "WARNING: the machine is not quiet after ${QUIET_TIMEOUT}s (dirty ${dirty} MB, ${busy}% busy); going on"
+      break
+    fi
+  done
+  log "quiet after the seed in $(($(date +%s) - t0)) s (dirty ${dirty} MB, ${busy}% busy)" 2>&1 | tee -a "$logf" >&2
+}
+
 SEED_BIN="${SEED_BIN:-target/release/projector}"
+SEEDED=0
 seed_to() { # target count, log file
   local want="$1" logf="$2" have need
+  SEEDED=0
   case "$SEED_MODE" in
     skip) log "seeding skipped (SEED_MODE=skip)"; return 0 ;;
     add) need="$want" ;;
@@ -221,6 +265,7 @@ seed_to() { # target count, log file
   "$SEED_BIN" seed --count "$need" $SEED_ARGS 2>&1 | tee -a "$logf" >&2
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || die "seeding failed (exit $rc); see $logf"
+  SEEDED=1
 }
 
 # --------------------------------------------------------------- id pool
@@ -284,6 +329,7 @@ pass() {
   mkdir -p "$dir"
   seed_to "$scale" "$dir/seed.log"
   settle
+  [ "$SEEDED" = 1 ] && quiet_machine "$dir/seed.log"
   local n
   if n="$(fetch_ids "$dir/ids.json")" && [ "${n:-0}" -gt 0 ]; then
     ID_FILE="$dir/ids.json"

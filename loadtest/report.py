@@ -558,6 +558,15 @@ def render(d, env, scale, results):
             L.append("- **SELFTEST run: a static nginx played the stack; the figures say nothing about the service.**")
     if scale:
         L.append("- scale: %s records requested; ~%s after the runs (watermark)" % (fmt_num(scale.get("scale")), fmt_num(scale.get("records_after"))))
+    # What seeding did and how long the machine took to go quiet after it
+    # (a pass right after a large seed otherwise measures its writeback).
+    seed_log = os.path.join(d, "seed.log")
+    if os.path.exists(seed_log):
+        with open(seed_log, errors="replace") as f:
+            for line in f:
+                m = re.search(r"(seeded \d+ records.*|quiet after the seed.*|the machine is not quiet.*)$", line.strip())
+                if m:
+                    L.append("- " + m.group(1))
     L.append("- k6 and the services share the machine. *floor* = the same scenario at the same rate against a static nginx answer of the same size (loadtest/floor).")
     L.append("")
     L.append("## Summary")
