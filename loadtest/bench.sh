@@ -206,12 +206,12 @@ settle() {
 
 dirty_mb() { awk '/^(Dirty|Writeback):/{kb += $2} END{printf "%d", kb / 1024}' /proc/meminfo; }
 
-# After a large seed the machine goes on working for minutes: PostgreSQL's
-# checkpointer and the kernel write gigabytes back, and the VM reclaims page
-# cache. A pass that starts then measures the seed's aftermath, not the
-# service (run s14-cmp: ratios 1.6-4.2 at 12 M). So: checkpoint now, then wait
-# for the dirty pages to drain and the cores to go idle, and write down how
-# long that took.
+# After a large seed the machine may go on working for minutes: PostgreSQL's
+# checkpointer and the kernel write gigabytes back. A pass that starts then
+# measures the seed's aftermath, not the service. So: checkpoint now, then
+# wait for the dirty pages to drain and the cores to go idle, and write down
+# how long that took. (It cannot see a VM that reclaims page cache later,
+# under the run's own demand: run s15-cmp2 in the README.)
 quiet_machine() { # log file
   local logf="$1" t0 busy dirty calm=0 url
   [ "$QUIET_TIMEOUT" -gt 0 ] || return 0

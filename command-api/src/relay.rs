@@ -30,7 +30,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::metrics;
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     publisher_confirm::Confirmation,
@@ -39,6 +38,8 @@ use lapin::{
 use shared::{amqp, bus, shutdown::Shutdown, Record, Settings};
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics;
 
 #[derive(Default)]
 pub struct RelayStatus {
