@@ -332,8 +332,10 @@ pass() {
   # counted 1 M of 3 M and seeded 9 M, ending at 12 M).
   settle
   seed_to "$scale" "$dir/seed.log"
-  settle
-  [ "$SEEDED" = 1 ] && quiet_machine "$dir/seed.log"
+  if [ "$SEEDED" = 1 ]; then
+    settle
+    quiet_machine "$dir/seed.log"
+  fi
   local n
   if n="$(fetch_ids "$dir/ids.json")" && [ "${n:-0}" -gt 0 ]; then
     ID_FILE="$dir/ids.json"
