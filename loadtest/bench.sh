@@ -17,6 +17,9 @@
 #   SOAK=0              add the soak (mixed, SOAK_RATE=1000/s for SOAK_DURATION=30m)
 #   COMPARE=0           1: run at SCALE_SMALL=100000, seed up to SCALE_LARGE=10000000, run again
 #   FLOOR_RUNS=1        0: skip the floor runs; FLOOR_PORT=8099
+#   ROUNDS=1            run the scenarios this many times per pass, round-robin, into
+#                       <pass>/round<N>/; reports and the comparison take each figure's
+#                       median over the rounds (a batch run only in the last round)
 #   RAW=0               1: also keep k6 raw samples (--out csv=...gz); they cost k6 ~10 ms of
 #                       p99 at 3,000/s, so the plots come from per-second Trends by default
 #   SEED_MODE=topup     topup: seed SCALE minus what is there; add: seed SCALE more; skip
@@ -57,6 +60,7 @@ SCENARIOS="${SCENARIOS:-read_id read_id_6k list freshness mixed write batch}"
 SOAK="${SOAK:-0}"
 SOAK_DURATION="${SOAK_DURATION:-30m}"
 FLOOR_RUNS="${FLOOR_RUNS:-1}"
+ROUNDS="${ROUNDS:-1}"
 FLOOR_PORT="${FLOOR_PORT:-8099}"
 RAW="${RAW:-0}"
 SEED_MODE="${SEED_MODE:-topup}"
@@ -109,6 +113,7 @@ rate_of() {
 }
 duration_of() { if [ "$1" = soak ]; then echo "$SOAK_DURATION"; else echo "$DURATION"; fi; }
 
+case "$ROUNDS" in '' | *[!0-9]* | 0) die "ROUNDS must be a whole number of at least 1 (got '$ROUNDS')" ;; esac
 for s in $SCENARIOS; do script_of "$s" >/dev/null || die "unknown scenario '$s' (known: read_id read_id_6k list freshness mixed write batch soak smoke)"; done
 
 # --------------------------------------------------------------- tools
@@ -347,7 +352,32 @@ pass() {
   log "warm-up: mixed at ${WARMUP_RATE}/s for $WARMUP"
   run_k6 warmup-mixed "$dir" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
   rm -f "$dir"/warmup-mixed.*
+  local r after
+  if [ "$ROUNDS" -le 1 ]; then
+    scenarios "$dir" "$withfloor" 1
+  else
+    # Round-robin, not each scenario R times in a row: a slow spell of the
+    # VM then lands on one round of every scenario instead of on all rounds
+    # of one.
+    for r in $(seq 1 "$ROUNDS"); do
+      log "round $r of $ROUNDS"
+      mkdir -p "$dir/round$r"
+      scenarios "$dir/round$r" "$withfloor" "$([ "$r" = "$ROUNDS" ] && echo 1 || echo 0)"
+      after="$(projection_seq)"
+      echo "{\"scale\": $scale, \"records_after\": ${after:-null}, \"round\": $r}" >"$dir/round$r/scale.json"
+    done
+  fi
+  after="$(projection_seq)"
+  echo "{\"scale\": $scale, \"records_after\": ${after:-null}, \"rounds\": $ROUNDS}" >"$dir/scale.json"
+}
+
+# scenarios <dir> <with floor 0|1> <with batch 0|1>: one run of each scenario.
+# A batch run adds ~3 M records, so with ROUNDS > 1 only the last round has
+# one: earlier rounds' batch runs would grow the small pass 30-fold.
+scenarios() {
+  local dir="$1" withfloor="$2" withbatch="$3" s
   for s in $SCENARIOS; do
+    [ "$s" = batch ] && [ "$withbatch" = 0 ] && continue
     settle
     run_k6 "$s" "$dir" 0
     if [ "$withfloor" = 1 ]; then
@@ -356,9 +386,6 @@ pass() {
     fi
     sleep "$COOLDOWN"
   done
-  local after
-  after="$(projection_seq)"
-  echo "{\"scale\": $scale, \"records_after\": ${after:-null}}" >"$dir/scale.json"
 }
 
 # --------------------------------------------------------------- main
@@ -376,7 +403,7 @@ log "results in $OUT"
   echo "  \"kernel\": \"$(uname -r)\","
   echo "  \"k6\": \"$("$K6" version 2>/dev/null | head -1 | sed 's/"//g')\","
   echo "  \"git\": \"$(git rev-parse --short HEAD 2>/dev/null || echo none)\","
-  echo "  \"scale\": $SCALE, \"duration\": \"$DURATION\", \"compare\": $COMPARE,"
+  echo "  \"scale\": $SCALE, \"duration\": \"$DURATION\", \"compare\": $COMPARE, \"rounds\": $ROUNDS,"
   echo "  \"scale_small\": $SCALE_SMALL, \"scale_large\": $SCALE_LARGE,"
   echo "  \"scenarios\": \"$SCENARIOS\","
   echo "  \"cmd_url\": \"$CMD_URL\", \"query_url\": \"$QUERY_URL\", \"gateway\": \"${K6_BASE}\","

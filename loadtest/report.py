@@ -11,6 +11,9 @@ DIR holds what loadtest/bench.sh writes per scenario <name>:
   <name>.csv.gz / <name>.floor.csv.gz      k6 raw samples (--out csv), optional
   <name>.procs.csv / <name>.floor.procs.csv  CPU/memory samples (procsample.py)
   env.json, scale.json, seed.log
+With ROUNDS > 1 the runs are in DIR/round1, round2, ...: each gets its own
+report, and DIR/report.md and figures.json hold each figure's median over
+the rounds (which --compare then compares).
 matplotlib is installed with pip when missing.
 """
 import argparse
@@ -655,9 +658,121 @@ def render(d, env, scale, results):
     return "\n".join(L) + "\n"
 
 
+def find_env(d):
+    """env.json of the run: in d, or up to two levels above (a pass of a
+    COMPARE run, a round of a pass)."""
+    for _ in range(3):
+        e = load_json(os.path.join(d, "env.json"))
+        if e:
+            return e
+        d = os.path.dirname(d.rstrip("/"))
+    return None
+
+
+def round_dirs(d):
+    """<d>/round1, round2, ... in order, when bench.sh ran ROUNDS > 1."""
+    rs = [p for p in glob.glob(os.path.join(d, "round*")) if os.path.isdir(p) and re.fullmatch(r"round\d+", os.path.basename(p))]
+    return sorted(rs, key=lambda p: int(os.path.basename(p)[5:]))
+
+
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+MEDIAN_KEYS = ("p50", "p95", "p99", "p999", "max", "avg", "floor_p50", "floor_p99")
+
+
+def merge_rounds(by_round):
+    """One scenario's result in each round (None where it did not run) -> one
+    result whose figures are the medians over the rounds; each figure keeps
+    its p99 per round (None where it did not run)."""
+    runs = [r for r in by_round if r is not None]
+    base = dict(runs[-1])
+    base["rounds"] = len(runs)
+    for k in ("achieved_rate", "records_per_s", "floor_records_per_s"):
+        if any(r.get(k) is not None for r in runs):
+            base[k] = median([r.get(k) for r in runs])
+    for k in ("errors", "requests", "dropped"):
+        base[k] = sum(r.get(k) or 0 for r in runs)
+    base["error_rate"] = (base["errors"] / base["requests"]) if base["requests"] else 0.0
+    figs = []
+    for f in base.get("figures", []):
+        aligned = [next((g for g in r.get("figures", []) if g["label"] == f["label"]), None) if r else None for r in by_round]
+        same = [g for g in aligned if g is not None]
+        m = dict(f)
+        for k in MEDIAN_KEYS:
+            m[k] = median([g.get(k) for g in same])
+        m["count"] = sum(g.get("count") or 0 for g in same)
+        m["p99_rounds"] = [g.get("p99") if g else None for g in aligned]
+        tgt = m.get("target_p99")
+        m["target_ok"] = (m["p99"] <= tgt) if (tgt is not None and m["p99"] is not None) else None
+        m["contract_ok"] = m["p99"] is not None and m["p99"] < CONTRACT_MS
+        figs.append(m)
+    base["figures"] = figs
+    base["rate_ok"] = all(r.get("rate_ok", True) for r in runs)
+    err_ok = base["error_rate"] < 0.01
+    name = base["name"]
+    if name == "batch":
+        base["verdict"] = (base.get("records_per_s") or 0) >= RECORDS_PER_S and err_ok
+    elif TARGETS.get(name):
+        base["verdict"] = all(f["target_ok"] for f in figs if f["target_ok"] is not None) and base["rate_ok"] and err_ok
+    elif name == "mixed":
+        base["verdict"] = all(f["contract_ok"] for f in figs) and base["rate_ok"] and err_ok
+    base.pop("plot", None)
+    return base
+
+
+def report_rounds(d, rounds, floor_dir=None, quiet=False):
+    """Report each round, then <d>/report.md with each figure's median over
+    the rounds beside every round's p99."""
+    per_round = []
+    for rd in rounds:
+        fd = None
+        if floor_dir:
+            # a large pass takes its floors from the small pass's same round
+            cand = os.path.join(floor_dir, os.path.basename(rd))
+            fd = cand if os.path.isdir(cand) else floor_dir
+        per_round.append(report(rd, fd, quiet=True))
+    names = [n for n in ORDER if any(r["name"] == n for rs in per_round for r in rs)]
+    results = [merge_rounds([next((r for r in rs if r["name"] == n), None) for rs in per_round]) for n in names]
+    env = find_env(d)
+    scale = load_json(os.path.join(d, "scale.json"))
+    md = render(d, env, scale, results)
+    n = len(rounds)
+    L = ["", "## Rounds", "",
+         "The scenarios ran %d times, round-robin (bench.sh `ROUNDS=%d`); every figure above is the median over the rounds it ran in (batch: the last round only). p99 per round:" % (n, n),
+         "", "| scenario | figure | " + " | ".join("round %d" % (i + 1) for i in range(n)) + " | median | max/min |",
+         "|---|---|" + "---:|" * n + "---:|---:|"]
+    for r in results:
+        for f in r["figures"]:
+            ps = f.get("p99_rounds") or []
+            good = [x for x in ps if x]
+            spread = ("%.2f" % (max(good) / min(good))) if len(good) >= 2 else "–"
+            cells = [fmt_ms(x) if x is not None else "–" for x in ps]
+            L.append("| %s | %s | %s | %s | %s |" % (r["name"], f["label"], " | ".join(cells), fmt_ms(f["p99"]), spread))
+    L.append("")
+    L.append("Each round's report, with plots and process figures: " + ", ".join(
+        "[%s](%s/report.md)" % (os.path.basename(rd), os.path.basename(rd)) for rd in rounds) + ".")
+    md += "\n".join(L) + "\n"
+    with open(os.path.join(d, "report.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(d, "figures.json"), "w") as f:
+        json.dump({"env": env, "scale": scale, "rounds": n, "results": results}, f, indent=1, default=str)
+    if not quiet:
+        print("report: %s (%d scenarios, medians of %d rounds)" % (os.path.join(d, "report.md"), len(results), n), file=sys.stderr)
+    return results
+
+
 def report(d, floor_dir=None, quiet=False):
+    rounds = round_dirs(d)
+    if rounds:
+        return report_rounds(d, rounds, floor_dir, quiet)
     plt = ensure_matplotlib()
-    env = load_json(os.path.join(d, "env.json")) or load_json(os.path.join(os.path.dirname(d.rstrip("/")), "env.json"))
+    env = find_env(d)
     scale = load_json(os.path.join(d, "scale.json"))
     results = [figures(d, n, floor_dir, plt) for n in scenario_names(d)]
     md = render(d, env, scale, results)
@@ -693,6 +808,8 @@ def compare(small, large, out):
                 row[k + "_small"] = g.get(k)
                 row[k + "_large"] = f.get(k)
                 row[k + "_ratio"] = (f[k] / g[k]) if (g.get(k) and f.get(k) is not None) else None
+            row["p99_rounds_small"] = g.get("p99_rounds")
+            row["p99_rounds_large"] = f.get("p99_rounds")
             row["pass"] = row["p99_ratio"] is not None and row["p99_ratio"] <= 1.10
             rows.append(row)
         if name == "batch" and a.get("records_per_s") and b.get("records_per_s"):
@@ -701,9 +818,14 @@ def compare(small, large, out):
                          "p99_large": b["records_per_s"], "p99_ratio": ratio, "pass": ratio <= 1.10, "is_rate": True})
     ss = (s.get("scale") or {})
     ls = (l.get("scale") or {})
+    nr = max(s.get("rounds") or 1, l.get("rounds") or 1)
     L = ["# Scale comparison", "",
          "Same scenarios at %s and %s records (watermark after: ~%s and ~%s). Ratio = large / small (for records/s: small / large); ≤ 1.10 passes (issue 4: no figure more than 10%% worse)." % (
              fmt_num(ss.get("scale")), fmt_num(ls.get("scale")), fmt_num(ss.get("records_after")), fmt_num(ls.get("records_after"))),
+         ]
+    if nr > 1:
+        L += ["", "Each pass ran its scenarios %d times, round-robin; every figure is the median over the rounds (batch ran once per pass, in the last round), so a ratio is one of medians. The per-round p99s are under *Rounds* below." % nr]
+    L += [
          "", "| scenario | figure | p50 small | p50 large | p99 small | p99 large | p99 ratio | p95 ratio | max ratio | verdict |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -717,6 +839,13 @@ def compare(small, large, out):
     ok = all(r["pass"] for r in rows) if rows else False
     L.append("")
     L.append("Overall: %s (%d figures)." % ("PASS" if ok else "FAIL", len(rows)))
+    if nr > 1:
+        L += ["", "## Rounds", "", "| scenario | figure | p99 per round, small | p99 per round, large |", "|---|---|---|---|"]
+        for r in rows:
+            if r.get("is_rate"):
+                continue
+            fr = lambda xs: " / ".join(fmt_ms(x) for x in (xs or []) if x is not None) or "–"
+            L.append("| %s | %s | %s | %s |" % (r["scenario"], r["figure"], fr(r.get("p99_rounds_small")), fr(r.get("p99_rounds_large"))))
     L.append("")
     L.append("Details: [small](%s/report.md), [large](%s/report.md)." % (os.path.relpath(small, out), os.path.relpath(large, out)))
     md = "\n".join(L) + "\n"
