@@ -340,6 +340,22 @@ def scenario_names(d):
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else 99, n))
 
 
+def verdict_of(res):
+    """A scenario's verdict against its target, from its figures, rate and
+    errors (the soak's comes from its drift instead)."""
+    name = res["name"]
+    err_ok = (res.get("error_rate") or 0) < 0.01
+    if name == "batch":
+        return (res.get("records_per_s") or 0) >= RECORDS_PER_S and err_ok
+    if TARGETS.get(name):
+        return all(f["target_ok"] for f in res["figures"] if f["target_ok"] is not None) and res["rate_ok"] and err_ok
+    if name == "mixed":
+        return all(f["contract_ok"] for f in res["figures"]) and res["rate_ok"] and err_ok
+    if name == "smoke":
+        return res.get("exit_code") == 0
+    return None
+
+
 def figures(d, name, floor_dir=None, plt=None):
     """Everything the report says about one scenario, as a dict."""
     summ = load_json(os.path.join(d, name + ".json"))
@@ -406,17 +422,7 @@ def figures(d, name, floor_dir=None, plt=None):
     res["rate_ok"] = rate_ok
     err_ok = res["error_rate"] < 0.01
 
-    # the verdict vs the target
-    verdict = None
-    if name == "batch":
-        verdict = (res.get("records_per_s") or 0) >= RECORDS_PER_S and err_ok
-    elif TARGETS.get(name):
-        verdict = all(f["target_ok"] for f in res["figures"] if f["target_ok"] is not None) and rate_ok and err_ok
-    elif name in ("mixed",):
-        verdict = all(f["contract_ok"] for f in res["figures"]) and rate_ok and err_ok
-    elif name == "smoke":
-        verdict = res["exit_code"] == 0
-    res["verdict"] = verdict
+    res["verdict"] = verdict_of(res)
 
     # processes
     res["procs"] = read_procs(os.path.join(d, name + ".procs.csv"), meta.get("start"), meta.get("end"))
@@ -714,14 +720,8 @@ def merge_rounds(by_round):
         figs.append(m)
     base["figures"] = figs
     base["rate_ok"] = all(r.get("rate_ok", True) for r in runs)
-    err_ok = base["error_rate"] < 0.01
-    name = base["name"]
-    if name == "batch":
-        base["verdict"] = (base.get("records_per_s") or 0) >= RECORDS_PER_S and err_ok
-    elif TARGETS.get(name):
-        base["verdict"] = all(f["target_ok"] for f in figs if f["target_ok"] is not None) and base["rate_ok"] and err_ok
-    elif name == "mixed":
-        base["verdict"] = all(f["contract_ok"] for f in figs) and base["rate_ok"] and err_ok
+    if base["name"] != "soak":  # the soak keeps its last round's drift verdict
+        base["verdict"] = verdict_of(base)
     base.pop("plot", None)
     return base
 
