@@ -19,7 +19,7 @@
 #   FLOOR_RUNS=1        0: skip the floor runs; FLOOR_PORT=8099
 #   ROUNDS=1            run the scenarios this many times per pass, round-robin, into
 #                       <pass>/round<N>/; reports and the comparison take each figure's
-#                       median over the rounds (a batch run only in the last round)
+#                       median over the rounds (batch and soak only in the last round)
 #   RAW=0               1: also keep k6 raw samples (--out csv=...gz); they cost k6 ~10 ms of
 #                       p99 at 3,000/s, so the plots come from per-second Trends by default
 #   SEED_MODE=topup     topup: seed SCALE minus what is there; add: seed SCALE more; skip
@@ -371,13 +371,14 @@ pass() {
   echo "{\"scale\": $scale, \"records_after\": ${after:-null}, \"rounds\": $ROUNDS}" >"$dir/scale.json"
 }
 
-# scenarios <dir> <with floor 0|1> <with batch 0|1>: one run of each scenario.
-# A batch run adds ~3 M records, so with ROUNDS > 1 only the last round has
-# one: earlier rounds' batch runs would grow the small pass 30-fold.
+# scenarios <dir> <with floor 0|1> <last round 0|1>: one run of each scenario.
+# With ROUNDS > 1 batch and soak run in the last round only: a batch run adds
+# ~3 M records (earlier rounds' would grow the small pass 30-fold), and a
+# soak is already a long series of windows (N soaks would take N × 30 min).
 scenarios() {
-  local dir="$1" withfloor="$2" withbatch="$3" s
+  local dir="$1" withfloor="$2" last="$3" s
   for s in $SCENARIOS; do
-    [ "$s" = batch ] && [ "$withbatch" = 0 ] && continue
+    case "$s" in batch | soak) [ "$last" = 0 ] && continue ;; esac
     settle
     run_k6 "$s" "$dir" 0
     if [ "$withfloor" = 1 ]; then
