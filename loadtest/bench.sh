@@ -352,7 +352,7 @@ pass() {
   log "warm-up: mixed at ${WARMUP_RATE}/s for $WARMUP"
   run_k6 warmup-mixed "$dir" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
   rm -f "$dir"/warmup-mixed.*
-  local r after
+  local r
   if [ "$ROUNDS" -le 1 ]; then
     scenarios "$dir" "$withfloor" 1
   else
@@ -363,12 +363,18 @@ pass() {
       log "round $r of $ROUNDS"
       mkdir -p "$dir/round$r"
       scenarios "$dir/round$r" "$withfloor" "$([ "$r" = "$ROUNDS" ] && echo 1 || echo 0)"
-      after="$(projection_seq)"
-      echo "{\"scale\": $scale, \"records_after\": ${after:-null}, \"round\": $r}" >"$dir/round$r/scale.json"
+      scale_json "$dir/round$r/scale.json" "$scale" "\"round\": $r"
     done
   fi
+  scale_json "$dir/scale.json" "$scale" "\"rounds\": $ROUNDS"
+}
+
+# scale_json <file> <scale> <extra JSON member>: the scale asked for and the
+# watermark now.
+scale_json() {
+  local after
   after="$(projection_seq)"
-  echo "{\"scale\": $scale, \"records_after\": ${after:-null}, \"rounds\": $ROUNDS}" >"$dir/scale.json"
+  echo "{\"scale\": $2, \"records_after\": ${after:-null}, $3}" >"$1"
 }
 
 # scenarios <dir> <with floor 0|1> <last round 0|1>: one run of each scenario.

@@ -340,6 +340,13 @@ def scenario_names(d):
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else 99, n))
 
 
+def judge_figure(f):
+    """A figure's p99 against its target and the contract's 500 ms."""
+    p99, tgt = f.get("p99"), f.get("target_p99")
+    f["target_ok"] = (p99 <= tgt) if (tgt is not None and p99 is not None) else None
+    f["contract_ok"] = p99 is not None and p99 < CONTRACT_MS
+
+
 def verdict_of(res):
     """A scenario's verdict against its target, from its figures, rate and
     errors (the soak's comes from its drift instead)."""
@@ -411,8 +418,7 @@ def figures(d, name, floor_dir=None, plt=None):
              "p99": v.get("p(99)"), "p999": v.get("p(99.9)"), "max": v.get("max"), "avg": v.get("avg"),
              "floor_p50": fv.get("med") if fv else None, "floor_p99": fv.get("p(99)") if fv else None,
              "target_p99": tgt}
-        f["contract_ok"] = v.get("p(99)", 0) < CONTRACT_MS
-        f["target_ok"] = (v.get("p(99)", 0) <= tgt) if tgt is not None else None
+        judge_figure(f)
         res["figures"].append(f)
 
     # rate achieved? (99% of the target, <=1% dropped)
@@ -714,9 +720,7 @@ def merge_rounds(by_round):
             m[k] = median([g.get(k) for g in same])
         m["count"] = sum(g.get("count") or 0 for g in same)
         m["p99_rounds"] = [g.get("p99") if g else None for g in aligned]
-        tgt = m.get("target_p99")
-        m["target_ok"] = (m["p99"] <= tgt) if (tgt is not None and m["p99"] is not None) else None
-        m["contract_ok"] = m["p99"] is not None and m["p99"] < CONTRACT_MS
+        judge_figure(m)
         figs.append(m)
     base["figures"] = figs
     base["rate_ok"] = all(r.get("rate_ok", True) for r in runs)

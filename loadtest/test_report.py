@@ -1,6 +1,8 @@
 """Tests of report.py's rounds: medians over rounds and the comparison of
 medians (`python3 -m unittest discover -s loadtest`, part of `make test`).
 No k6 and no matplotlib: the round results are built here."""
+import contextlib
+import io
 import json
 import os
 import sys
@@ -70,12 +72,8 @@ class CompareMedians(unittest.TestCase):
                 with open(os.path.join(d, "figures.json"), "w") as f:
                     json.dump({"scale": {"scale": 1}, "rounds": 3, "results": [merged]}, f)
                 dirs[scale] = d
-            sys_stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
-            try:
+            with contextlib.redirect_stdout(io.StringIO()):
                 report.compare(dirs["small"], dirs["large"], out)
-            finally:
-                sys.stdout.close()
-                sys.stdout = sys_stdout
             with open(os.path.join(out, "compare.json")) as f:
                 rows = json.load(f)["rows"]
             self.assertEqual(len(rows), 1)
