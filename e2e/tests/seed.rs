@@ -48,8 +48,15 @@ async fn assert_consistent(stack: &Stack, seeded: i64) {
     assert_eq!(stack.count(&stack.write_db, "records").await, seeded + 1);
     assert_eq!(stack.count(&stack.read_db, "records").await, seeded + 1);
 
-    // A seeded record by id (cache cold: from the read model) and by kind.
-    let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM records WHERE seq = $1")
+    // A seeded record by id (cache cold: from the read model) says what the
+    // write log holds, field by field: both were written by the seed's own
+    // binary COPY encoder, so a wrong byte order or epoch would show here.
+    let (id, kind, key, payload, created_at): (uuid::Uuid, String, String, String, String) =
+        sqlx::query_as(
+            "SELECT id, kind, key, payload::text, \
+             to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') \
+             FROM records WHERE seq = $1",
+        )
         .bind(seeded / 2)
         .fetch_one(&stack.write_db)
         .await
@@ -58,13 +65,36 @@ async fn assert_consistent(stack: &Stack, seeded: i64) {
     assert_eq!(res.status(), 200);
     let doc: Value = res.json().await.unwrap();
     assert_eq!(doc["seq"], seeded / 2);
+    assert_eq!(doc["id"], id.to_string());
+    assert_eq!(doc["kind"], kind);
+    assert_eq!(doc["key"], key);
     assert!(doc["payload"].is_object());
+    assert_eq!(
+        doc["payload"],
+        serde_json::from_str::<Value>(&payload).unwrap()
+    );
+    assert_eq!(doc["created_at"], created_at);
+    let age = seconds_since_created(&stack.write_db, seeded / 2).await;
+    assert!(
+        (0.0..600.0).contains(&age),
+        "created_at is the time of the seed, not {age} s away"
+    );
     let res = stack.get("/data?kind=kind3&limit=5").await;
     assert_eq!(res.status(), 200);
     let page: Value = res.json().await.unwrap();
     let items = page["items"].as_array().unwrap();
     assert_eq!(items.len(), 5);
     assert!(items.iter().all(|r| r["kind"] == "kind3"));
+}
+
+async fn seconds_since_created(write: &PgPool, seq: i64) -> f64 {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - created_at)::float8 FROM records WHERE seq = $1",
+    )
+    .bind(seq)
+    .fetch_one(write)
+    .await
+    .unwrap()
 }
 
 #[tokio::test]

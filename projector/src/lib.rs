@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod consumer;
+mod copy_binary;
 pub mod indexes;
 pub mod metrics;
 pub mod rebuild;

@@ -1,6 +1,6 @@
 //! `projector seed --count N [--payload-bytes MIN-MAX] [--kinds K] [--chunk C]
 //! [--streams S] [--defer-indexes auto|yes|no]`: loads N synthetic records
-//! into the write log and the read model with COPY. Chunks are generated on a
+//! into the write log and the read model with binary COPY. Chunks are generated on a
 //! blocking thread while earlier ones are copied, S chunks at a time into
 //! each database. The seq range is reserved up front under a lock that live
 //! writers respect, so seeding can run beside traffic. The running
@@ -13,12 +13,13 @@
 //! the end: COPY then runs about twice as fast, and queries by kind or key
 //! scan the table until the build is done.
 
-use std::{fmt::Write as _, time::Instant};
+use std::{fmt::Write as _, io::Write as _, time::Instant};
 
 use anyhow::{bail, Context};
 use futures_util::{StreamExt, TryStreamExt};
 use shared::{db, model::now_micros, Settings};
 
+use crate::copy_binary::BinaryCopy;
 use crate::indexes::{self, Defer};
 use uuid::Uuid;
 
@@ -112,7 +113,7 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
     }
     // Records are generated on a blocking thread while earlier chunks are
     // being copied, `streams` chunks at a time into each database.
-    let (tx, rx) = tokio::sync::mpsc::channel::<(String, String)>(streams);
+    let (tx, rx) = tokio::sync::mpsc::channel::<(Vec<u8>, Vec<u8>)>(streams);
     let generator = tokio::task::spawn_blocking(move || {
         let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ first as u64);
         let mut done = 0u64;
@@ -137,12 +138,12 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
             let (a, b) = tokio::join!(
                 copy(
                     &mut wc,
-                    "COPY records (seq, id, kind, key, payload, created_at) FROM STDIN",
+                    "COPY records (seq, id, kind, key, payload, created_at) FROM STDIN (FORMAT binary)",
                     w
                 ),
                 copy(
                     &mut rc,
-                    "COPY records (seq, id, kind, key, doc) FROM STDIN",
+                    "COPY records (seq, id, kind, key, doc) FROM STDIN (FORMAT binary)",
                     r
                 ),
             );
@@ -182,51 +183,84 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn copy(conn: &mut sqlx::PgConnection, stmt: &str, data: String) -> anyhow::Result<()> {
+async fn copy(conn: &mut sqlx::PgConnection, stmt: &str, data: Vec<u8>) -> anyhow::Result<()> {
     let mut copy = conn.copy_in_raw(stmt).await?;
-    copy.send(data.into_bytes()).await?;
+    copy.send(data).await?;
     copy.finish().await?;
     Ok(())
 }
 
-/// COPY text for both tables. Generated strings never contain tabs,
-/// newlines or backslashes, so no escaping is needed.
-fn build_chunk(first_seq: i64, n: u64, o: &Options, rng: &mut XorShift) -> (String, String) {
+/// One chunk as binary COPY for both tables. The payload is generated once
+/// into `scratch` and written into the write log's row and the read model's
+/// document; generated strings never need JSON escaping.
+fn build_chunk(first_seq: i64, n: u64, o: &Options, rng: &mut XorShift) -> (Vec<u8>, Vec<u8>) {
     let avg = (o.payload_min + o.payload_max) / 2;
-    let mut w = String::with_capacity(n as usize * (avg + 120));
-    let mut r = String::with_capacity(n as usize * (avg + 220));
+    let mut w = BinaryCopy::with_capacity(n as usize * (avg + 120));
+    let mut r = BinaryCopy::with_capacity(n as usize * (avg + 220));
     let created = now_micros();
+    let created_micros = created.timestamp_micros();
     let ts = created.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let kinds: Vec<String> = (0..o.kinds).map(|k| format!("kind{k}")).collect();
+    let mut key = String::with_capacity(16);
+    let mut payload = Vec::with_capacity(o.payload_max);
+    let mut id_buf = [0u8; 36];
     for i in 0..n {
         let seq = first_seq + i as i64;
         let id = Uuid::now_v7();
-        let kind = format!("kind{}", rng.next() % o.kinds as u64);
-        let key = format!("key-{}", rng.next() % 100_000);
+        let kind = &kinds[(rng.next() % o.kinds as u64) as usize];
+        key.clear();
+        let _ = write!(key, "key-{}", rng.next() % 100_000);
         let size = o.payload_min + (rng.next() as usize % (o.payload_max - o.payload_min + 1));
-        let payload = payload_of(seq, size, rng);
-        let _ = writeln!(w, "{seq}\t{id}\t{kind}\t{key}\t{payload}\t{ts}");
-        let doc = format!(
-            r#"{{"id":"{id}","seq":{seq},"kind":"{kind}","key":"{key}","payload":{payload},"created_at":"{ts}"}}"#
-        );
-        let _ = writeln!(r, "{seq}\t{id}\t{kind}\t{key}\t{doc}");
+        payload.clear();
+        payload_of(&mut payload, seq, size, rng);
+
+        w.row(6);
+        w.int8(seq);
+        w.uuid(&id);
+        w.text(kind);
+        w.text(&key);
+        w.text_with(|b| b.extend_from_slice(&payload));
+        w.timestamptz(created_micros);
+
+        let id_text = id.hyphenated().encode_lower(&mut id_buf);
+        r.row(5);
+        r.int8(seq);
+        r.uuid(&id);
+        r.text(kind);
+        r.text(&key);
+        r.text_with(|b| {
+            let _ = write!(
+                b,
+                r#"{{"id":"{id_text}","seq":{seq},"kind":"{kind}","key":"{key}","payload":"#
+            );
+            b.extend_from_slice(&payload);
+            let _ = write!(b, r#","created_at":"{ts}"}}"#);
+        });
     }
-    (w, r)
+    (w.finish(), r.finish())
 }
 
-fn payload_of(seq: i64, size: usize, rng: &mut XorShift) -> String {
-    let head = format!(
+/// A JSON object of exactly `size` bytes (or its head, if larger). The filler
+/// takes twelve characters from each random number.
+fn payload_of(out: &mut Vec<u8>, seq: i64, size: usize, rng: &mut XorShift) {
+    let start = out.len();
+    let _ = write!(
+        out,
         r#"{{"n":{seq},"amount":{},"note":""#,
         rng.next() % 1_000_000
     );
-    let fill = size.saturating_sub(head.len() + 2);
-    let mut s = String::with_capacity(size);
-    s.push_str(&head);
+    let fill = size.saturating_sub(out.len() - start + 2);
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    for _ in 0..fill {
-        s.push(ALPHABET[(rng.next() % 36) as usize] as char);
+    let mut left = fill;
+    while left > 0 {
+        let mut x = rng.next();
+        for _ in 0..left.min(12) {
+            out.push(ALPHABET[(x % 36) as usize]);
+            x /= 36;
+        }
+        left -= left.min(12);
     }
-    s.push_str("\"}");
-    s
+    out.extend_from_slice(b"\"}");
 }
 
 struct XorShift(u64);
