@@ -32,13 +32,17 @@
 #                       long) until dirty pages are written back (Dirty+Writeback <=
 #                       QUIET_DIRTY_MB=64) and the machine is idle (<= QUIET_BUSY=15% of
 #                       one core for 3 samples of 2 s); 0 skips the wait
-#   OUT                 result directory (default loadtest/results/<UTC timestamp>)
+#   OUT                 result directory, relative to where bench.sh is started
+#                       (default loadtest/results/<UTC timestamp>)
 #   BENCH_SELFTEST=1    exercise this script without the service: a second static nginx
 #                       on SELFTEST_PORT=8098 plays the stack (no seeding)
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
+# k6 opens the id pool relative to its script, so a relative OUT (taken, as
+# a user means it, from where the script was started) must become absolute.
+if [ -n "${OUT:-}" ]; then OUT="$(realpath -m -- "$OUT")"; fi
 cd "$ROOT"
 
 LOCAL_DIR="${LOCAL_DIR:-$ROOT/.local}"
