@@ -1,8 +1,8 @@
 //! `projector seed --count N [--payload-bytes MIN-MAX] [--kinds K] [--chunk C]
 //! [--streams S] [--defer-indexes auto|yes|no]`: loads N synthetic records
-//! into the write log and the read model with binary COPY. Chunks are generated on a
-//! blocking thread while earlier ones are copied, S chunks at a time into
-//! each database. The seq range is reserved up front under a lock that live
+//! into the write log and the read model with binary COPY. Chunks are
+//! generated on a blocking thread while earlier ones are copied, S chunks at
+//! a time into each database. The seq range is reserved up front under a lock that live
 //! writers respect, so seeding can run beside traffic. The running
 //! projector's watermark then verifies the range and advances over it; the
 //! cache is left cold (it fills on reads), and nothing stale can be in it
@@ -61,6 +61,9 @@ impl Options {
                 }
                 other => bail!("unknown option {other}; expected --count, --payload-bytes MIN-MAX, --kinds, --chunk, --streams, --defer-indexes auto|yes|no"),
             }
+        }
+        if o.kinds == 0 || o.chunk == 0 {
+            bail!("--kinds and --chunk must be at least 1");
         }
         if o.payload_min < 16 || o.payload_max < o.payload_min || o.payload_max > 60_000 {
             bail!("--payload-bytes must be MIN-MAX with 16 <= MIN <= MAX <= 60000");
@@ -190,9 +193,9 @@ async fn copy(conn: &mut sqlx::PgConnection, stmt: &str, data: Vec<u8>) -> anyho
     Ok(())
 }
 
-/// One chunk as binary COPY for both tables. The payload is generated once
-/// into `scratch` and written into the write log's row and the read model's
-/// document; generated strings never need JSON escaping.
+/// One chunk as binary COPY for both tables. Each payload is generated once
+/// and written into the write log's row and the read model's document;
+/// generated strings never need JSON escaping.
 fn build_chunk(first_seq: i64, n: u64, o: &Options, rng: &mut XorShift) -> (Vec<u8>, Vec<u8>) {
     let avg = (o.payload_min + o.payload_max) / 2;
     let mut w = BinaryCopy::with_capacity(n as usize * (avg + 120));
@@ -271,5 +274,35 @@ impl XorShift {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<Options> {
+        Options::parse(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn zero_kinds_or_an_empty_chunk_is_refused_up_front() {
+        // Zero kinds divided by zero, and an empty chunk looped for ever.
+        assert!(parse(&["--kinds", "0"]).is_err());
+        assert!(parse(&["--chunk", "0"]).is_err());
+        let o = parse(&["--count", "1_000", "--payload-bytes", "20-30"]).unwrap();
+        assert_eq!((o.count, o.payload_min, o.payload_max), (1000, 20, 30));
+    }
+
+    #[test]
+    fn a_payload_is_a_json_object_of_the_size_asked() {
+        let mut rng = XorShift(7);
+        for size in [40, 41, 100, 513] {
+            let mut out = Vec::new();
+            payload_of(&mut out, 12, size, &mut rng);
+            assert_eq!(out.len(), size);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["n"], 12);
+        }
     }
 }
