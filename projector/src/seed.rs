@@ -2,22 +2,27 @@
 //! [--streams S] [--defer-indexes auto|yes|no]`: loads N synthetic records
 //! into the write log and the read model with binary COPY. Chunks are
 //! generated on a blocking thread while earlier ones are copied, S chunks at
-//! a time into each database. The seq range is reserved up front under a lock that live
-//! writers respect, so seeding can run beside traffic. The running
-//! projector's watermark then verifies the range and advances over it; the
-//! cache is left cold (it fills on reads), and nothing stale can be in it
-//! because records are immutable.
+//! a time into each database. The seq range is reserved up front under a
+//! lock that live writers respect, so seeding can run beside traffic. The
+//! running projector's watermark then verifies the range and advances over
+//! it; the cache is left cold (it fills on reads), and nothing stale can be
+//! in it because records are immutable.
 //!
 //! With deferred indexes (by default when the seed at least doubles the read
 //! model) the read model's secondary indexes are dropped and built once at
 //! the end: COPY then runs about twice as fast, and queries by kind or key
 //! scan the table until the build is done.
 
-use std::{fmt::Write as _, io::Write as _, time::Instant};
+use std::{fmt::Write as _, time::Instant};
 
 use anyhow::{bail, Context};
 use futures_util::{StreamExt, TryStreamExt};
-use shared::{db, model::now_micros, Settings};
+use serde_json::value::RawValue;
+use shared::{
+    db,
+    model::{now_micros, Record},
+    Settings,
+};
 
 use crate::copy_binary::BinaryCopy;
 use crate::indexes::{self, Defer};
@@ -193,77 +198,72 @@ async fn copy(conn: &mut sqlx::PgConnection, stmt: &str, data: Vec<u8>) -> anyho
     Ok(())
 }
 
-/// One chunk as binary COPY for both tables. Each payload is generated once
-/// and written into the write log's row and the read model's document;
-/// generated strings never need JSON escaping.
+/// One chunk as binary COPY for both tables. The read model's document is
+/// the record serialised by `Record` itself, as the projector writes it, so
+/// a seeded record reads back exactly like one that came through the bus.
 fn build_chunk(first_seq: i64, n: u64, o: &Options, rng: &mut XorShift) -> (Vec<u8>, Vec<u8>) {
     let avg = (o.payload_min + o.payload_max) / 2;
     let mut w = BinaryCopy::with_capacity(n as usize * (avg + 120));
     let mut r = BinaryCopy::with_capacity(n as usize * (avg + 220));
-    let created = now_micros();
-    let created_micros = created.timestamp_micros();
-    let ts = created.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let created_at = now_micros();
+    let created_micros = created_at.timestamp_micros();
     let kinds: Vec<String> = (0..o.kinds).map(|k| format!("kind{k}")).collect();
-    let mut key = String::with_capacity(16);
-    let mut payload = Vec::with_capacity(o.payload_max);
-    let mut id_buf = [0u8; 36];
     for i in 0..n {
         let seq = first_seq + i as i64;
-        let id = Uuid::now_v7();
-        let kind = &kinds[(rng.next() % o.kinds as u64) as usize];
-        key.clear();
-        let _ = write!(key, "key-{}", rng.next() % 100_000);
+        let kind = kinds[(rng.next() % o.kinds as u64) as usize].clone();
+        let key = format!("key-{}", rng.next() % 100_000);
         let size = o.payload_min + (rng.next() as usize % (o.payload_max - o.payload_min + 1));
-        payload.clear();
-        payload_of(&mut payload, seq, size, rng);
+        let payload = RawValue::from_string(payload_of(seq, size, rng))
+            .expect("the generated payload is JSON");
+        let record = Record {
+            id: Uuid::now_v7(),
+            seq,
+            kind,
+            key: Some(key),
+            payload,
+            created_at,
+        };
+        let key = record.key.as_deref().unwrap_or_default();
 
         w.row(6);
         w.int8(seq);
-        w.uuid(&id);
-        w.text(kind);
-        w.text(&key);
-        w.text_with(|b| b.extend_from_slice(&payload));
+        w.uuid(&record.id);
+        w.text(&record.kind);
+        w.text(key);
+        w.text(record.payload.get());
         w.timestamptz(created_micros);
 
-        let id_text = id.hyphenated().encode_lower(&mut id_buf);
         r.row(5);
         r.int8(seq);
-        r.uuid(&id);
-        r.text(kind);
-        r.text(&key);
-        r.text_with(|b| {
-            let _ = write!(
-                b,
-                r#"{{"id":"{id_text}","seq":{seq},"kind":"{kind}","key":"{key}","payload":"#
-            );
-            b.extend_from_slice(&payload);
-            let _ = write!(b, r#","created_at":"{ts}"}}"#);
-        });
+        r.uuid(&record.id);
+        r.text(&record.kind);
+        r.text(key);
+        r.text_with(|b| serde_json::to_writer(b, &record).expect("a record serialises"));
     }
     (w.finish(), r.finish())
 }
 
 /// A JSON object of exactly `size` bytes (or its head, if larger). The filler
 /// takes twelve characters from each random number.
-fn payload_of(out: &mut Vec<u8>, seq: i64, size: usize, rng: &mut XorShift) {
-    let start = out.len();
+fn payload_of(seq: i64, size: usize, rng: &mut XorShift) -> String {
+    let mut out = String::with_capacity(size);
     let _ = write!(
         out,
         r#"{{"n":{seq},"amount":{},"note":""#,
         rng.next() % 1_000_000
     );
-    let fill = size.saturating_sub(out.len() - start + 2);
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut left = fill;
+    let mut left = size.saturating_sub(out.len() + 2);
     while left > 0 {
         let mut x = rng.next();
         for _ in 0..left.min(12) {
-            out.push(ALPHABET[(x % 36) as usize]);
+            out.push(ALPHABET[(x % 36) as usize] as char);
             x /= 36;
         }
         left -= left.min(12);
     }
-    out.extend_from_slice(b"\"}");
+    out.push_str("\"}");
+    out
 }
 
 struct XorShift(u64);
@@ -298,10 +298,9 @@ mod tests {
     fn a_payload_is_a_json_object_of_the_size_asked() {
         let mut rng = XorShift(7);
         for size in [40, 41, 100, 513] {
-            let mut out = Vec::new();
-            payload_of(&mut out, 12, size, &mut rng);
+            let out = payload_of(12, size, &mut rng);
             assert_eq!(out.len(), size);
-            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
             assert_eq!(v["n"], 12);
         }
     }
