@@ -1,9 +1,14 @@
 //! `projector seed` against a running stack: the system is consistent
 //! afterwards (watermark, sequence, reads by id and by kind), with and
 //! without deferred indexes, and a seed that died with its indexes dropped is
-//! healed by the next one.
+//! healed by the next one. The watermark does not pass a seed still being
+//! copied, and a seed killed half-way leaves nothing the projector does not
+//! heal.
 
-use std::time::Duration;
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
 use e2e::{service_process, Stack};
 use serde_json::{json, Value};
@@ -150,5 +155,118 @@ async fn a_seed_with_deferred_indexes_rebuilds_them_and_a_dead_one_is_healed() {
     seed(&stack, &["--count", "0"]).await;
     assert_eq!(secondary_indexes(&stack.read_db).await, indexes);
     assert_eq!(stack.count(&stack.read_db, "deferred_indexes").await, 0);
+    stack.stop().await;
+}
+
+async fn sums(db: &PgPool) -> (i64, i64) {
+    sqlx::query_as("SELECT count(*), coalesce(sum(seq), 0)::bigint FROM records")
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+async fn at_or_below(write: &PgPool, w: i64) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM records WHERE seq <= $1")
+        .bind(w)
+        .fetch_one(write)
+        .await
+        .unwrap()
+}
+
+/// The seed draws its seqs before it writes their records: the watermark
+/// must not pass them before they are written, or records would appear below
+/// it (and a reader paging with `next_cursor` would miss them).
+#[tokio::test]
+async fn the_watermark_does_not_pass_a_seed_still_being_copied() {
+    let stack = Stack::start().await;
+    let live = stack
+        .post(&json!({"kind": "live", "payload": {"n": 1}}))
+        .await;
+    stack
+        .wait_visible(live["seq"].as_i64().unwrap(), Duration::from_secs(20))
+        .await;
+    let count = 60_000;
+    let child = service_process("projector", &stack.settings, 0)
+        .args(["seed", "--count", &count.to_string(), "--chunk", "1000"])
+        .args(["--streams", "1", "--defer-indexes", "no"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("projector seed starts");
+    let run = tokio::spawn(child.wait_with_output());
+    // (W, records at or below W in the write log), while the seed runs.
+    let mut samples = Vec::new();
+    while !run.is_finished() {
+        let w: i64 = sqlx::query_scalar("SELECT watermark FROM projection_state")
+            .fetch_one(&stack.read_db)
+            .await
+            .unwrap();
+        samples.push((w, at_or_below(&stack.write_db, w).await));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = run.await.unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "seed failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        samples.len() >= 5,
+        "the seed ended before it could be watched ({} samples)",
+        samples.len()
+    );
+    for (w, then) in samples {
+        assert_eq!(
+            at_or_below(&stack.write_db, w).await,
+            then,
+            "records appeared at or below the watermark {w} after it had passed them"
+        );
+    }
+    let after = stack
+        .post(&json!({"kind": "live", "payload": {"n": 2}}))
+        .await;
+    stack
+        .wait_visible(after["seq"].as_i64().unwrap(), Duration::from_secs(30))
+        .await;
+    assert_eq!(sums(&stack.write_db).await.0, count + 2);
+    assert_eq!(sums(&stack.read_db).await, sums(&stack.write_db).await);
+    stack.stop().await;
+}
+
+/// Killed between chunks, or between a chunk's two commits: the write log
+/// may hold records the read model lacks (the projector catches them up),
+/// never the other way round, and the watermark moves on past the seqs that
+/// were never written.
+#[tokio::test]
+async fn a_seed_killed_half_way_is_healed_by_the_projector() {
+    let stack = Stack::start().await;
+    let count = 500_000;
+    let mut child = service_process("projector", &stack.settings, 0)
+        .args(["seed", "--count", &count.to_string(), "--chunk", "2000"])
+        .args(["--defer-indexes", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("projector seed starts");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.count(&stack.write_db, "records").await < 10_000 {
+        assert!(Instant::now() < deadline, "the seed wrote nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().await.unwrap();
+
+    let after = stack
+        .post(&json!({"kind": "live", "payload": {"n": 1}}))
+        .await;
+    stack
+        .wait_visible(after["seq"].as_i64().unwrap(), Duration::from_secs(30))
+        .await;
+    let (write, read) = (sums(&stack.write_db).await, sums(&stack.read_db).await);
+    // A chunk whose data had all been sent still commits after the kill.
+    assert!(
+        write.0 - 1 < count,
+        "the seed finished before it was killed"
+    );
+    assert_eq!(read, write, "the read model holds what the write log holds");
     stack.stop().await;
 }

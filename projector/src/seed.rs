@@ -3,10 +3,14 @@
 //! into the write log and the read model with binary COPY. Chunks are
 //! generated on a blocking thread while earlier ones are copied, S chunks at
 //! a time into each database. The seq range is reserved up front under a
-//! lock that live writers respect, so seeding can run beside traffic. The
-//! running projector's watermark then verifies the range and advances over
-//! it; the cache is left cold (it fills on reads), and nothing stale can be
-//! in it because records are immutable.
+//! lock that live writers respect, so seeding can run beside traffic. A
+//! transaction older than the reservation stays open until every chunk is
+//! in both databases, so the running projector's watermark cannot pass the
+//! range before then; it then verifies the range and advances over it. A
+//! chunk commits in the read model only after the write log: a seed that
+//! dies leaves records the projector catches up from the write log, never
+//! records the write log does not have. The cache is left cold (it fills on
+//! reads), and nothing stale can be in it because records are immutable.
 //!
 //! With deferred indexes (by default when the seed at least doubles the read
 //! model) the read model's secondary indexes are dropped and built once at
@@ -99,6 +103,17 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
         Defer::Auto => indexes::worth_deferring(&read, o.count).await?,
     };
 
+    // The range's seqs are drawn here, but its records are written by later
+    // transactions, so the watermark's rule (a writer takes its transaction
+    // id before its seq) does not hold it back by itself: without this, it
+    // passed seqs whose chunks were still being copied, and records then
+    // appeared below it (seen: W at the range's end with 1.0 of 1.8 M
+    // records written). This id is older than any the watermark draws after
+    // the range is reserved, and it stays open until the last chunk is in.
+    let mut guard = write.begin().await?;
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *guard)
+        .await?;
     let mut tx = write.begin().await?;
     // INSERTs take ROW EXCLUSIVE before they draw a seq; this lock waits for
     // them and holds new ones back while the range is reserved.
@@ -142,7 +157,9 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
         let (write, read) = (write.clone(), read.clone());
         async move {
             let mut wc = write.acquire().await?;
-            let mut rc = read.acquire().await?;
+            // Copied side by side, but the read model's part commits only
+            // once the write log's has.
+            let mut rtx = read.begin().await?;
             let (a, b) = tokio::join!(
                 copy(
                     &mut wc,
@@ -150,12 +167,14 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
                     w
                 ),
                 copy(
-                    &mut rc,
+                    &mut rtx,
                     "COPY records (seq, id, kind, key, doc) FROM STDIN (FORMAT binary)",
                     r
                 ),
             );
-            a.and(b)
+            a.and(b)?;
+            rtx.commit().await?;
+            anyhow::Ok(())
         }
     })
     .buffer_unordered(streams)
@@ -163,6 +182,7 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
     .await;
     generator.await?;
     copied?;
+    guard.commit().await?;
     let copy_secs = started.elapsed().as_secs_f64();
     // Fresh statistics for the planner (autovacuum may be off or late);
     // restoring the deferred indexes analyzes the read model itself.
