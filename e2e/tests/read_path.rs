@@ -287,6 +287,17 @@ async fn watermark_holds_below_an_uncommitted_seq_and_passes_rolled_back_gaps() 
     );
 
     // A rolled-back transaction leaves a gap that never fills: not a blocker.
+    let gap = rolled_back_seq(&stack).await;
+    let after = stack.post(&rec("w", 2)).await;
+    assert!(after["seq"].as_i64().unwrap() > gap);
+    stack
+        .wait_visible(after["seq"].as_i64().unwrap(), Duration::from_secs(10))
+        .await;
+    stack.stop().await;
+}
+
+/// A seq drawn by an insert that then rolled back: a gap that never fills.
+async fn rolled_back_seq(stack: &Stack) -> i64 {
     let mut gone = stack.write_db.begin().await.unwrap();
     let gap: i64 = sqlx::query_scalar(
         "INSERT INTO records (id, kind, payload, created_at) VALUES ($1, 'gone', '{}', now()) RETURNING seq",
@@ -296,12 +307,7 @@ async fn watermark_holds_below_an_uncommitted_seq_and_passes_rolled_back_gaps() 
     .await
     .unwrap();
     gone.rollback().await.unwrap();
-    let after = stack.post(&rec("w", 2)).await;
-    assert!(after["seq"].as_i64().unwrap() > gap);
-    stack
-        .wait_visible(after["seq"].as_i64().unwrap(), Duration::from_secs(10))
-        .await;
-    stack.stop().await;
+    gap
 }
 
 /// A row in the read model that the write log does not have (a seed of an
@@ -315,15 +321,7 @@ async fn a_read_model_row_the_write_log_lacks_does_not_stop_the_watermark() {
     stack
         .wait_visible(first["seq"].as_i64().unwrap(), Duration::from_secs(10))
         .await;
-    let mut gone = stack.write_db.begin().await.unwrap();
-    let gap: i64 = sqlx::query_scalar(
-        "INSERT INTO records (id, kind, payload, created_at) VALUES ($1, 'gone', '{}', now()) RETURNING seq",
-    )
-    .bind(Uuid::now_v7())
-    .fetch_one(&mut *gone)
-    .await
-    .unwrap();
-    gone.rollback().await.unwrap();
+    let gap = rolled_back_seq(&stack).await;
     sqlx::query("INSERT INTO records (seq, id, kind, doc) VALUES ($1, $2, 'phantom', '{}')")
         .bind(gap)
         .bind(Uuid::now_v7())
