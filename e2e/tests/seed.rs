@@ -175,20 +175,20 @@ async fn at_or_below(write: &PgPool, w: i64) -> i64 {
 
 /// The seed draws its seqs before it writes their records: the watermark
 /// must not pass them before they are written, or records would appear below
-/// it (and a reader paging with `next_cursor` would miss them).
+/// it (and a reader paging with `next_cursor` would miss them). It does pass
+/// each part once that part is in, while the seed goes on.
 #[tokio::test]
 async fn the_watermark_does_not_pass_a_seed_still_being_copied() {
     let stack = Stack::start().await;
     let live = stack
         .post(&json!({"kind": "live", "payload": {"n": 1}}))
         .await;
-    stack
-        .wait_visible(live["seq"].as_i64().unwrap(), Duration::from_secs(20))
-        .await;
+    let live = live["seq"].as_i64().unwrap();
+    stack.wait_visible(live, Duration::from_secs(20)).await;
     let count = 60_000;
     let child = service_process("projector", &stack.settings, 0)
         .args(["seed", "--count", &count.to_string(), "--chunk", "1000"])
-        .args(["--streams", "1", "--defer-indexes", "no"])
+        .args(["--streams", "1", "--part", "10000", "--defer-indexes", "no"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -214,6 +214,15 @@ async fn the_watermark_does_not_pass_a_seed_still_being_copied() {
         samples.len() >= 5,
         "the seed ended before it could be watched ({} samples)",
         samples.len()
+    );
+    // Nothing else writes: the seed's range is (live, live + count].
+    assert!(
+        samples.iter().any(|(w, _)| *w > live && *w < live + count),
+        "the watermark moved past no part while the seed ran: {:?}",
+        samples
+            .iter()
+            .map(|s| s.0)
+            .collect::<std::collections::BTreeSet<_>>()
     );
     for (w, then) in samples {
         assert_eq!(

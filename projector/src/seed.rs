@@ -1,12 +1,14 @@
 //! `projector seed --count N [--payload-bytes MIN-MAX] [--kinds K] [--chunk C]
-//! [--streams S] [--defer-indexes auto|yes|no]`: loads N synthetic records
+//! [--streams S] [--part P] [--defer-indexes auto|yes|no]`: loads N synthetic records
 //! into the write log and the read model with binary COPY. Chunks are
 //! generated on a blocking thread while earlier ones are copied, S chunks at
 //! a time into each database. The seq range is reserved up front under a
-//! lock that live writers respect, so seeding can run beside traffic. A
-//! transaction older than the reservation stays open until every chunk is
-//! in both databases, so the running projector's watermark cannot pass the
-//! range before then; it then verifies the range and advances over it. A
+//! lock that live writers respect, so seeding can run beside traffic; P
+//! records at a time (default 1 M), each part reserved when the last one is
+//! in. A transaction older than a part's reservation stays open until every
+//! chunk of it is in both databases, so the running projector's watermark
+//! cannot pass the part before then; it then verifies it and advances over
+//! it, and over live writes made meanwhile. A
 //! chunk commits in the read model only after the write log: a seed that
 //! dies leaves records the projector catches up from the write log, never
 //! records the write log does not have. The cache is left cold (it fills on
@@ -40,6 +42,8 @@ pub struct Options {
     pub chunk: u64,
     /// Chunks copied at once into each database.
     pub streams: usize,
+    /// Records reserved and guarded at a time (see `seed_part`).
+    pub part: u64,
     pub defer_indexes: Defer,
 }
 
@@ -52,6 +56,7 @@ impl Options {
             kinds: 16,
             chunk: 50_000,
             streams: 2,
+            part: 1_000_000,
             defer_indexes: Defer::Auto,
         };
         let mut it = args.iter();
@@ -62,17 +67,18 @@ impl Options {
                 "--kinds" => o.kinds = value.parse()?,
                 "--chunk" => o.chunk = value.parse()?,
                 "--streams" => o.streams = value.parse()?,
+                "--part" => o.part = value.replace('_', "").parse()?,
                 "--defer-indexes" => o.defer_indexes = value.parse()?,
                 "--payload-bytes" => {
                     let (a, b) = value.split_once('-').unwrap_or((value, value));
                     o.payload_min = a.parse()?;
                     o.payload_max = b.parse()?;
                 }
-                other => bail!("unknown option {other}; expected --count, --payload-bytes MIN-MAX, --kinds, --chunk, --streams, --defer-indexes auto|yes|no"),
+                other => bail!("unknown option {other}; expected --count, --payload-bytes MIN-MAX, --kinds, --chunk, --streams, --part, --defer-indexes auto|yes|no"),
             }
         }
-        if o.kinds == 0 || o.chunk == 0 {
-            bail!("--kinds and --chunk must be at least 1");
+        if o.kinds == 0 || o.chunk == 0 || o.part == 0 {
+            bail!("--kinds, --chunk and --part must be at least 1");
         }
         if o.payload_min < 16 || o.payload_max < o.payload_min || o.payload_max > 60_000 {
             bail!("--payload-bytes must be MIN-MAX with 16 <= MIN <= MAX <= 60000");
@@ -103,13 +109,74 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
         Defer::Auto => indexes::worth_deferring(&read, o.count).await?,
     };
 
+    let count = o.count;
+    let started = Instant::now();
+    if deferred {
+        indexes::defer(&read).await?;
+    }
+    let o = std::sync::Arc::new(o);
+    let (mut done, mut parts, mut first, mut last) = (0u64, 0u32, 0i64, 0i64);
+    while done < count {
+        let n = o.part.min(count - done);
+        let at = seed_part(&write, &read, &o, n, streams).await?;
+        if parts == 0 {
+            first = at;
+        }
+        last = at + n as i64 - 1;
+        done += n;
+        parts += 1;
+    }
+    let copy_secs = started.elapsed().as_secs_f64();
+    // Fresh statistics for the planner (autovacuum may be off or late);
+    // restoring the deferred indexes analyzes the read model itself.
+    sqlx::query("ANALYZE records").execute(&write).await?;
+    if deferred {
+        indexes::restore(&read).await?;
+    } else {
+        sqlx::query("ANALYZE records").execute(&read).await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "seeded {} records in {:.1} s ({:.0}/s), seq {}..={}{}; copy {:.1} s ({:.0}/s){}",
+        count,
+        secs,
+        count as f64 / secs,
+        first,
+        last,
+        if parts > 1 {
+            format!(" in {parts} parts")
+        } else {
+            String::new()
+        },
+        copy_secs,
+        count as f64 / copy_secs,
+        if deferred {
+            format!(", read-model indexes rebuilt in {:.1} s", secs - copy_secs)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// Reserves `n` seqs and copies that many records into both databases;
+/// returns the first seq.
+async fn seed_part(
+    write: &sqlx::PgPool,
+    read: &sqlx::PgPool,
+    o: &std::sync::Arc<Options>,
+    n: u64,
+    streams: usize,
+) -> anyhow::Result<i64> {
     // The range's seqs are drawn here, but its records are written by later
     // transactions, so the watermark's rule (a writer takes its transaction
     // id before its seq) does not hold it back by itself: without this, it
     // passed seqs whose chunks were still being copied, and records then
     // appeared below it (seen: W at the range's end with 1.0 of 1.8 M
     // records written). This id is older than any the watermark draws after
-    // the range is reserved, and it stays open until the last chunk is in.
+    // the range is reserved, and it stays open until the part's last chunk is
+    // in. A part at a time, so that live writes made meanwhile become visible
+    // when it ends, not when the whole seed does.
     let mut guard = write.begin().await?;
     sqlx::query("SELECT pg_current_xact_id()")
         .execute(&mut *guard)
@@ -124,29 +191,25 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
         .fetch_one(&mut *tx)
         .await?;
     sqlx::query("SELECT setval('records_seq', $1)")
-        .bind(first + o.count as i64 - 1)
+        .bind(first + n as i64 - 1)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
 
-    let count = o.count;
-    let started = Instant::now();
-    if deferred {
-        indexes::defer(&read).await?;
-    }
     // Records are generated on a blocking thread while earlier chunks are
     // being copied, `streams` chunks at a time into each database.
     let (tx, rx) = tokio::sync::mpsc::channel::<(Vec<u8>, Vec<u8>)>(streams);
+    let o = o.clone();
     let generator = tokio::task::spawn_blocking(move || {
         let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ first as u64);
         let mut done = 0u64;
-        while done < o.count {
-            let n = o.chunk.min(o.count - done);
-            let chunk = build_chunk(first + done as i64, n, &o, &mut rng);
+        while done < n {
+            let c = o.chunk.min(n - done);
+            let chunk = build_chunk(first + done as i64, c, &o, &mut rng);
             if tx.blocking_send(chunk).is_err() {
                 break; // a copy failed; its error is reported below
             }
-            done += n;
+            done += c;
         }
     });
     let copied = {
@@ -183,32 +246,7 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
     generator.await?;
     copied?;
     guard.commit().await?;
-    let copy_secs = started.elapsed().as_secs_f64();
-    // Fresh statistics for the planner (autovacuum may be off or late);
-    // restoring the deferred indexes analyzes the read model itself.
-    sqlx::query("ANALYZE records").execute(&write).await?;
-    if deferred {
-        indexes::restore(&read).await?;
-    } else {
-        sqlx::query("ANALYZE records").execute(&read).await?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "seeded {} records in {:.1} s ({:.0}/s), seq {}..={}; copy {:.1} s ({:.0}/s){}",
-        count,
-        secs,
-        count as f64 / secs,
-        first,
-        first + count as i64 - 1,
-        copy_secs,
-        count as f64 / copy_secs,
-        if deferred {
-            format!(", read-model indexes rebuilt in {:.1} s", secs - copy_secs)
-        } else {
-            String::new()
-        }
-    );
-    Ok(())
+    Ok(first)
 }
 
 async fn copy(conn: &mut sqlx::PgConnection, stmt: &str, data: Vec<u8>) -> anyhow::Result<()> {
@@ -306,10 +344,11 @@ mod tests {
     }
 
     #[test]
-    fn zero_kinds_or_an_empty_chunk_is_refused_up_front() {
+    fn zero_kinds_or_an_empty_chunk_or_part_is_refused_up_front() {
         // Zero kinds divided by zero, and an empty chunk looped for ever.
         assert!(parse(&["--kinds", "0"]).is_err());
         assert!(parse(&["--chunk", "0"]).is_err());
+        assert!(parse(&["--part", "0"]).is_err());
         let o = parse(&["--count", "1_000", "--payload-bytes", "20-30"]).unwrap();
         assert_eq!((o.count, o.payload_min, o.payload_max), (1000, 20, 30));
     }
