@@ -14,10 +14,15 @@ use e2e::{service_process, Stack};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
+/// `projector seed ARGS` against `stack`'s databases, killed when dropped.
+fn seed_command(stack: &Stack, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = service_process("projector", &stack.settings, 0);
+    cmd.arg("seed").args(args);
+    cmd
+}
+
 async fn seed(stack: &Stack, args: &[&str]) -> String {
-    let out = service_process("projector", &stack.settings, 0)
-        .arg("seed")
-        .args(args)
+    let out = seed_command(stack, args)
         .output()
         .await
         .expect("projector seed runs");
@@ -186,8 +191,7 @@ async fn the_watermark_does_not_pass_a_seed_still_being_copied() {
     let live = live["seq"].as_i64().unwrap();
     stack.wait_visible(live, Duration::from_secs(20)).await;
     let count = 60_000;
-    let child = service_process("projector", &stack.settings, 0)
-        .args(["seed", "--count", &count.to_string(), "--chunk", "1000"])
+    let child = seed_command(&stack, &["--count", &count.to_string(), "--chunk", "1000"])
         .args(["--streams", "1", "--part", "10000", "--defer-indexes", "no"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -250,8 +254,7 @@ async fn the_watermark_does_not_pass_a_seed_still_being_copied() {
 async fn a_seed_killed_half_way_is_healed_by_the_projector() {
     let stack = Stack::start().await;
     let count = 500_000;
-    let mut child = service_process("projector", &stack.settings, 0)
-        .args(["seed", "--count", &count.to_string(), "--chunk", "2000"])
+    let mut child = seed_command(&stack, &["--count", &count.to_string(), "--chunk", "2000"])
         .args(["--defer-indexes", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -77,8 +77,8 @@ impl Options {
                 other => bail!("unknown option {other}; expected --count, --payload-bytes MIN-MAX, --kinds, --chunk, --streams, --part, --defer-indexes auto|yes|no"),
             }
         }
-        if o.kinds == 0 || o.chunk == 0 || o.part == 0 {
-            bail!("--kinds, --chunk and --part must be at least 1");
+        if o.kinds == 0 || o.chunk == 0 || o.part == 0 || o.streams == 0 {
+            bail!("--kinds, --chunk, --part and --streams must be at least 1");
         }
         if o.payload_min < 16 || o.payload_max < o.payload_min || o.payload_max > 60_000 {
             bail!("--payload-bytes must be MIN-MAX with 16 <= MIN <= MAX <= 60000");
@@ -88,7 +88,7 @@ impl Options {
 }
 
 pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
-    let streams = o.streams.max(1);
+    let streams = o.streams;
     let write = db::pool_sized(&settings.database_url, settings, "seed", streams as u32 + 1)?;
     let read = db::pool_sized(
         settings.read_primary_url(),
@@ -118,7 +118,7 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
     let (mut done, mut parts, mut first, mut last) = (0u64, 0u32, 0i64, 0i64);
     while done < count {
         let n = o.part.min(count - done);
-        let at = seed_part(&write, &read, &o, n, streams).await?;
+        let at = seed_part(&write, &read, &o, n).await?;
         if parts == 0 {
             first = at;
         }
@@ -166,8 +166,8 @@ async fn seed_part(
     read: &sqlx::PgPool,
     o: &std::sync::Arc<Options>,
     n: u64,
-    streams: usize,
 ) -> anyhow::Result<i64> {
+    let streams = o.streams;
     // The range's seqs are drawn here, but its records are written by later
     // transactions, so the watermark's rule (a writer takes its transaction
     // id before its seq) does not hold it back by itself: without this, it
@@ -344,11 +344,13 @@ mod tests {
     }
 
     #[test]
-    fn zero_kinds_or_an_empty_chunk_or_part_is_refused_up_front() {
-        // Zero kinds divided by zero, and an empty chunk looped for ever.
+    fn zero_kinds_streams_or_an_empty_chunk_or_part_is_refused_up_front() {
+        // Zero kinds divided by zero, an empty chunk or part looped for ever,
+        // and zero streams copied nothing.
         assert!(parse(&["--kinds", "0"]).is_err());
         assert!(parse(&["--chunk", "0"]).is_err());
         assert!(parse(&["--part", "0"]).is_err());
+        assert!(parse(&["--streams", "0"]).is_err());
         let o = parse(&["--count", "1_000", "--payload-bytes", "20-30"]).unwrap();
         assert_eq!((o.count, o.payload_min, o.payload_max), (1000, 20, 30));
     }
