@@ -515,6 +515,25 @@ async fn rebuild_reproduces_the_read_model_exactly() {
         .await
         .unwrap()
     };
+    // Columns with their collations, and every index with its options.
+    let schema = |db: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, String>(
+            "SELECT a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' ' || \
+                    coalesce(c.collname, '-') \
+             FROM pg_attribute a LEFT JOIN pg_collation c ON c.oid = a.attcollation \
+             WHERE a.attrelid = 'records'::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+             UNION ALL SELECT indexdef \
+             FROM pg_indexes WHERE tablename = 'records' ORDER BY 1",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap()
+    };
+    let schema_before = schema(stack.read_db.clone()).await;
+    assert!(
+        schema_before.contains(&"key text C".to_string()),
+        "{schema_before:?}"
+    );
     let before = snapshot(stack.read_db.clone()).await;
     assert_eq!(before.len(), 300);
     // Readers keep being served during the rebuild.
@@ -558,6 +577,7 @@ async fn rebuild_reproduces_the_read_model_exactly() {
             "records_pkey"
         ]
     );
+    assert_eq!(schema(stack.read_db.clone()).await, schema_before);
     // Still projecting into the rebuilt table.
     let r = stack.post(&rec("rb", 999)).await;
     stack

@@ -35,10 +35,12 @@ async fn seed(stack: &Stack, args: &[&str]) -> String {
     stdout
 }
 
+/// Their definitions, options included, so a rebuilt index must match the
+/// one it replaced, not only its name.
 async fn secondary_indexes(read: &PgPool) -> Vec<String> {
     sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid \
-         WHERE x.indrelid = 'records'::regclass AND NOT x.indisunique ORDER BY 1",
+        "SELECT pg_get_indexdef(x.indexrelid) FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid \
+         WHERE x.indrelid = 'records'::regclass AND NOT x.indisunique ORDER BY c.relname",
     )
     .fetch_all(read)
     .await
