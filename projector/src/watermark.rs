@@ -280,35 +280,48 @@ impl Tracker {
                     .bind(upper)
                     .fetch_one(&self.applier.read_pool)
                     .await?;
-            if applied as usize == committed.len() {
-                self.watermark = upper;
-                self.missing_since = None;
-                if upper == settled {
+            if applied as usize != committed.len() {
+                let present: HashSet<i64> = sqlx::query_scalar::<_, i64>(
+                    "SELECT seq FROM records WHERE seq > $1 AND seq <= $2",
+                )
+                .bind(w)
+                .bind(upper)
+                .fetch_all(&self.applier.read_pool)
+                .await?
+                .into_iter()
+                .collect();
+                let missing: Vec<i64> = committed
+                    .iter()
+                    .copied()
+                    .filter(|s| !present.contains(s))
+                    .collect();
+                if let Some(&first) = missing.first() {
+                    self.watermark = self.watermark.max(first - 1);
+                    match self.missing_since {
+                        Some((s, since)) if s == first && since.elapsed() >= self.catchup_after => {
+                            let records =
+                                crate::apply::fetch_from_write_log(&self.write, &missing).await?;
+                            tracing::info!(
+                                records = records.len(),
+                                first,
+                                "catching up from the write log"
+                            );
+                            self.applier.apply(&records).await?;
+                            metrics::CAUGHT_UP.inc_by(records.len() as u64);
+                            self.missing_since = None;
+                            continue;
+                        }
+                        Some((s, _)) if s == first => {}
+                        _ => self.missing_since = Some((first, Instant::now())),
+                    }
                     return Ok(());
                 }
-                continue;
-            }
-            let present: HashSet<i64> = sqlx::query_scalar::<_, i64>(
-                "SELECT seq FROM records WHERE seq > $1 AND seq <= $2",
-            )
-            .bind(w)
-            .bind(upper)
-            .fetch_all(&self.applier.read_pool)
-            .await?
-            .into_iter()
-            .collect();
-            let committed_len = committed.len();
-            let missing: Vec<i64> = committed
-                .into_iter()
-                .filter(|s| !present.contains(s))
-                .collect();
-            let Some(&first) = missing.first() else {
                 // Every committed seq is there: one was applied between the
                 // count and this look, or the read model holds seqs the write
                 // log does not (only a seed of an earlier release that died
                 // between its two commits leaves those). Counting again would
                 // never match then, and this loop would spin.
-                let extra = present.len() - committed_len;
+                let extra = present.len() - committed.len();
                 if extra > 0 {
                     tracing::warn!(
                         extra,
@@ -317,31 +330,12 @@ impl Tracker {
                         "the read model holds seqs the write log does not have"
                     );
                 }
-                self.watermark = upper;
-                self.missing_since = None;
-                if upper == settled {
-                    return Ok(());
-                }
-                continue;
-            };
-            self.watermark = self.watermark.max(first - 1);
-            match self.missing_since {
-                Some((s, since)) if s == first && since.elapsed() >= self.catchup_after => {
-                    let records = crate::apply::fetch_from_write_log(&self.write, &missing).await?;
-                    tracing::info!(
-                        records = records.len(),
-                        first,
-                        "catching up from the write log"
-                    );
-                    self.applier.apply(&records).await?;
-                    metrics::CAUGHT_UP.inc_by(records.len() as u64);
-                    self.missing_since = None;
-                    continue;
-                }
-                Some((s, _)) if s == first => {}
-                _ => self.missing_since = Some((first, Instant::now())),
             }
-            return Ok(());
+            self.watermark = upper;
+            self.missing_since = None;
+            if upper == settled {
+                return Ok(());
+            }
         }
     }
 
