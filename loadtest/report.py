@@ -569,6 +569,8 @@ def render(d, env, scale, results):
         if env.get("busy_before_pct") is not None:
             L.append("- machine busy before the bench: %s%% (100 = one core)%s" % (
                 env["busy_before_pct"], " — **other work was running; figures are noisy**" if env["busy_before_pct"] > 25 else ""))
+        if env.get("k6_thresholds") is False:
+            L.append("- k6 ran without evaluating thresholds (`K6_THRESHOLDS=0`): the verdicts are this report's, from the same summaries")
         if env.get("selftest"):
             L.append("- **SELFTEST run: a static nginx played the stack; the figures say nothing about the service.**")
     if scale:

@@ -61,6 +61,42 @@ class MergeRounds(unittest.TestCase):
         self.assertFalse(m["verdict"], "1.5% errors over the rounds must fail")
 
 
+def k6_summary_without_thresholds(p99, dropped=0):
+    """A read_id summary as `k6 run --no-thresholds` writes it (bench.sh's
+    default): the per-ep submetrics are there, their `thresholds` are not."""
+    trend = {"count": 90000, "avg": 1.0, "min": 0.1, "med": 0.5, "p(90)": 1.0, "p(95)": 2.0,
+             "p(99)": p99, "p(99.9)": p99 * 2, "max": p99 * 4}
+    return {"metrics": {
+        "http_req_duration{ep:read_id}": {"type": "trend", "contains": "time", "values": trend},
+        "http_req_duration": {"type": "trend", "contains": "time", "values": trend},
+        "http_reqs": {"type": "counter", "values": {"count": 90000, "rate": 3000.0}},
+        "http_req_failed": {"type": "rate", "values": {"rate": 0.0, "passes": 0, "fails": 90000}},
+        "dropped_iterations": {"type": "counter", "values": {"count": dropped, "rate": dropped / 30.0}},
+    }}
+
+
+class JudgedWithoutK6Thresholds(unittest.TestCase):
+    def judge(self, summ):
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "read_id.json"), "w") as f:
+                json.dump(summ, f)
+            with open(os.path.join(d, "read_id.meta.json"), "w") as f:
+                json.dump({"name": "read_id", "rate": 3000, "duration": "30s", "exit_code": 0}, f)
+            return report.figures(d, "read_id")
+
+    def test_the_target_is_judged_from_the_summary(self):
+        met, missed = self.judge(k6_summary_without_thresholds(9.5)), self.judge(k6_summary_without_thresholds(10.5))
+        self.assertEqual(met["figures"][0]["p99"], 9.5)
+        self.assertTrue(met["verdict"])
+        self.assertFalse(missed["verdict"], "p99 10.5 ms is over the 10 ms target")
+        self.assertEqual(met["thresholds"], {"contract": [], "target": []})
+
+    def test_dropped_iterations_fail_the_rate(self):
+        r = self.judge(k6_summary_without_thresholds(5.0, dropped=1000))
+        self.assertFalse(r["rate_ok"], "1,000 of 90,000 iterations dropped is over 1%")
+        self.assertFalse(r["verdict"])
+
+
 class CompareMedians(unittest.TestCase):
     def test_the_ratio_is_one_of_medians(self):
         with tempfile.TemporaryDirectory() as out:
