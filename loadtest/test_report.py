@@ -97,6 +97,21 @@ class JudgedWithoutK6Thresholds(unittest.TestCase):
         self.assertFalse(r["verdict"])
 
 
+class SoakTrend(unittest.TestCase):
+    def test_a_steady_rise_is_its_own_trend(self):
+        self.assertAlmostEqual(report.fitted_ratio([10.0, 11.0, 12.0, 13.0, 14.0]), 1.4)
+
+    def test_one_high_last_window_is_not_a_trend(self):
+        w = [10.0, 11.0, 9.0, 10.0, 10.0, 11.0, 9.0, 10.0, 10.0, 14.0]
+        self.assertLess(report.fitted_ratio(w), 1.05)
+        self.assertAlmostEqual(w[-1] / w[0], 1.4)
+
+    def test_missing_windows_are_skipped_and_too_few_give_none(self):
+        nan = float("nan")
+        self.assertAlmostEqual(report.fitted_ratio([10.0, nan, 12.0, 13.0]), 1.3)
+        self.assertIsNone(report.fitted_ratio([10.0, nan, 12.0]))
+
+
 class CompareMedians(unittest.TestCase):
     def test_the_ratio_is_one_of_medians(self):
         with tempfile.TemporaryDirectory() as out:
