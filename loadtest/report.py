@@ -460,21 +460,32 @@ def figures(d, name, floor_dir=None, plt=None):
     tl = read_timeline(summ, sels, lim) if not raw else None
     ftl = read_timeline(fsumm, sels, lim) if not fraw else None
     if name == "soak" and (raw or tl):
-        drift = {}
-        if raw:
-            t0 = meta.get("start") or min((t for s in raw["series"].values() for t, _ in s), default=0)
-            t1 = meta.get("end") or max((t for s in raw["series"].values() for t, _ in s), default=0)
-            n = max(2, min(10, int((t1 - t0) // 60) or 2))
-        else:
-            n = max(2, min(10, int((dur_s or 0) // 60) or 2))
-        res["drift_method"] = "raw samples" if raw else "median of the %g s buckets' p99 per window" % tl["width"]
-        for label, key, sel in FIGS[name]:
-            w = windows_p99(raw["series"][sel], t0, t1, n) if raw else timeline_windows_p99(tl["series"].get(sel, ([],) * 5), n)
+        n = max(2, min(10, int((dur_s or 0) // 60) or 2))
+
+        def windows(raw_, tl_, meta_, sel):
+            if raw_:
+                t0 = meta_.get("start") or min((t for s in raw_["series"].values() for t, _ in s), default=0)
+                t1 = meta_.get("end") or max((t for s in raw_["series"].values() for t, _ in s), default=0)
+                return windows_p99(raw_["series"][sel], t0, t1, n)
+            if tl_:
+                return timeline_windows_p99(tl_["series"].get(sel, ([],) * 5), n)
+            return []
+
+        def ratios(w):
             good = [x for x in w if not math.isnan(x)]
-            if len(good) >= 2 and good[0] > 0:
-                drift[label] = {"windows": w, "first": good[0], "last": good[-1], "ratio": good[-1] / good[0],
-                                "worst_ratio": max(good) / min(good) if min(good) > 0 else None,
-                                "fitted_ratio": fitted_ratio(w)}
+            if len(good) < 2 or good[0] <= 0:
+                return None
+            return {"windows": w, "first": good[0], "last": good[-1], "ratio": good[-1] / good[0],
+                    "worst_ratio": max(good) / min(good) if min(good) > 0 else None, "fitted_ratio": fitted_ratio(w)}
+
+        drift = {}
+        res["drift_method"] = "raw samples" if raw else "median of the %g s buckets' p99 per window" % tl["width"]
+        for label, _key, sel in FIGS[name]:
+            v = ratios(windows(raw, tl, meta, sel))
+            if v:
+                # the floor's own drift: what the load generator adds over the same length of run
+                v["floor"] = ratios(windows(fraw, ftl, fmeta, sel))
+                drift[label] = v
         res["drift"] = drift
         res["verdict"] = bool(drift) and all(v["ratio"] <= 1.10 for v in drift.values()) and err_ok
     if plt is not None and (raw or tl):
@@ -649,14 +660,16 @@ def render(d, env, scale, results):
             L.append("")
             L.append("p99 drift over the soak (first vs last window; %s):" % r.get("drift_method", "raw samples"))
             L.append("")
-            L.append("| figure | first window p99 | last window p99 | last/first | worst/best window | trend, last/first |")
-            L.append("|---|---:|---:|---:|---:|---:|")
+            L.append("| figure | first window p99 | last window p99 | last/first | worst/best window | trend, last/first | floor: last/first (trend) |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|")
+            ratio = lambda x: "%.2f" % x if x else "–"  # noqa: E731
             for label, v in r["drift"].items():
-                L.append("| %s | %s | %s | %.2f %s | %s | %s |" % (
+                fl = v.get("floor")
+                L.append("| %s | %s | %s | %.2f %s | %s | %s | %s |" % (
                     label, fmt_ms(v["first"]), fmt_ms(v["last"]), v["ratio"],
                     "(pass)" if v["ratio"] <= 1.10 else "(**FAIL**)",
-                    "%.2f" % v["worst_ratio"] if v.get("worst_ratio") else "–",
-                    "%.2f" % v["fitted_ratio"] if v.get("fitted_ratio") else "–"))
+                    ratio(v.get("worst_ratio")), ratio(v.get("fitted_ratio")),
+                    "%s (%s)" % (ratio(fl["ratio"]), ratio(fl.get("fitted_ratio"))) if fl else "–"))
             L.append("")
             L.append("The verdict is last/first window. *Trend* is the same ratio on the Theil-Sen line "
                      "through all windows: it shows whether the p99 moves over the run or one window is an outlier.")

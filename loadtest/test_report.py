@@ -112,6 +112,39 @@ class SoakTrend(unittest.TestCase):
         self.assertIsNone(report.fitted_ratio([10.0, nan, 12.0]))
 
 
+def soak_summary(p99_of_second):
+    """A 10-minute soak's summary with 1 s timeline buckets whose p99 is
+    p99_of_second(i) for every endpoint."""
+    mets = {}
+    for ep in ("read_id", "list", "write"):
+        trend = {"count": 600000, "med": 1.0, "p(95)": 2.0, "p(99)": 5.0, "p(99.9)": 9.0, "max": 20.0, "avg": 1.0}
+        mets["http_req_duration{ep:%s}" % ep] = {"type": "trend", "values": trend}
+        for i in range(600):
+            v = p99_of_second(i)
+            mets["tl_%s_%d" % (ep, i)] = {"type": "trend", "values": {"count": 1000, "med": v / 4, "p(99)": v, "max": v * 2}}
+    mets["http_reqs"] = {"type": "counter", "values": {"count": 1800000}}
+    mets["http_req_failed"] = {"type": "rate", "values": {"rate": 0.0, "passes": 0}}
+    return {"config": {"timeline": {"width_s": 1, "buckets": 600, "keys": ["read_id", "list", "write"]}}, "metrics": mets}
+
+
+class SoakDriftBesideTheFloor(unittest.TestCase):
+    def test_the_floors_drift_is_reported_beside_the_services(self):
+        with tempfile.TemporaryDirectory() as d:
+            for tag, p99 in (("soak", lambda i: 10.0 + i / 60.0), ("soak.floor", lambda i: 3.0)):
+                with open(os.path.join(d, tag + ".json"), "w") as f:
+                    json.dump(soak_summary(p99), f)
+                with open(os.path.join(d, tag + ".meta.json"), "w") as f:
+                    json.dump({"name": "soak", "rate": 3000, "duration": "10m"}, f)
+            r = report.figures(d, "soak")
+        v = r["drift"]["GET /data/{id}"]
+        self.assertEqual(len(v["windows"]), 10)
+        self.assertGreater(v["ratio"], 1.8, "the service's p99 doubles over the run")
+        self.assertGreater(v["fitted_ratio"], 1.8)
+        self.assertFalse(r["verdict"])
+        self.assertAlmostEqual(v["floor"]["ratio"], 1.0)
+        self.assertAlmostEqual(v["floor"]["fitted_ratio"], 1.0)
+
+
 class CompareMedians(unittest.TestCase):
     def test_the_ratio_is_one_of_medians(self):
         with tempfile.TemporaryDirectory() as out:
