@@ -136,6 +136,10 @@ def fmt_num(v, digits=0):
     return ("{:,.%df}" % digits).format(v)
 
 
+def fmt_ratio(v):
+    return "–" if v is None else "%.2f" % v
+
+
 def metric(summary, key):
     if not summary:
         return None
@@ -288,8 +292,6 @@ def timeline_windows_p99(series, n_windows):
     return [percentile(sorted(buckets[i]), 50) if buckets[i] else float("nan") for i in range(n_windows)]
 
 
-# ------------------------------------------------------------------ processes
-
 def fitted_ratio(windows):
     """Last over first point of the Theil-Sen line through the windows' p99s
     (slope: the median of the pairwise slopes): a trend that one outlying
@@ -305,6 +307,8 @@ def fitted_ratio(windows):
     last = intercept + slope * pts[-1][0]
     return last / first if first > 0 else None
 
+
+# ------------------------------------------------------------------ processes
 
 def read_procs(path, start=None, end=None):
     """{proc: {cpu_avg, cpu_max, rss_max, pss_max, n}} over the run window."""
@@ -662,14 +666,13 @@ def render(d, env, scale, results):
             L.append("")
             L.append("| figure | first window p99 | last window p99 | last/first | worst/best window | trend, last/first | floor: last/first (trend) |")
             L.append("|---|---:|---:|---:|---:|---:|---:|")
-            ratio = lambda x: "%.2f" % x if x else "–"  # noqa: E731
             for label, v in r["drift"].items():
                 fl = v.get("floor")
                 L.append("| %s | %s | %s | %.2f %s | %s | %s | %s |" % (
                     label, fmt_ms(v["first"]), fmt_ms(v["last"]), v["ratio"],
                     "(pass)" if v["ratio"] <= 1.10 else "(**FAIL**)",
-                    ratio(v.get("worst_ratio")), ratio(v.get("fitted_ratio")),
-                    "%s (%s)" % (ratio(fl["ratio"]), ratio(fl.get("fitted_ratio"))) if fl else "–"))
+                    fmt_ratio(v.get("worst_ratio")), fmt_ratio(v.get("fitted_ratio")),
+                    "%s (%s)" % (fmt_ratio(fl["ratio"]), fmt_ratio(fl.get("fitted_ratio"))) if fl else "–"))
             L.append("")
             L.append("The verdict is last/first window. *Trend* is the same ratio on the Theil-Sen line "
                      "through all windows: it shows whether the p99 moves over the run or one window is an outlier.")
