@@ -602,7 +602,7 @@ def render(d, env, scale, results):
             L.append("- machine busy before the bench: %s%% (100 = one core)%s" % (
                 env["busy_before_pct"], " — **other work was running; figures are noisy**" if env["busy_before_pct"] > 25 else ""))
         if env.get("k6_thresholds") is False:
-            L.append("- k6 ran without evaluating thresholds (`K6_THRESHOLDS=0`): the verdicts are this report's, from the same summaries")
+            L.append("- k6 ran without evaluating thresholds (`BENCH_THRESHOLDS=0`): the verdicts are this report's, from the same summaries")
         if env.get("selftest"):
             L.append("- **SELFTEST run: a static nginx played the stack; the figures say nothing about the service.**")
     if scale:
