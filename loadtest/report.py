@@ -466,14 +466,15 @@ def figures(d, name, floor_dir=None, plt=None):
     if name == "soak" and (raw or tl):
         n = max(2, min(10, int((dur_s or 0) // 60) or 2))
 
-        def windows(raw_, tl_, meta_, sel):
+        def windows_of(raw_, tl_, meta_):
+            """sel -> p99 per window, for one run (the soak or its floor)."""
             if raw_:
                 t0 = meta_.get("start") or min((t for s in raw_["series"].values() for t, _ in s), default=0)
                 t1 = meta_.get("end") or max((t for s in raw_["series"].values() for t, _ in s), default=0)
-                return windows_p99(raw_["series"][sel], t0, t1, n)
+                return lambda sel: windows_p99(raw_["series"][sel], t0, t1, n)
             if tl_:
-                return timeline_windows_p99(tl_["series"].get(sel, ([],) * 5), n)
-            return []
+                return lambda sel: timeline_windows_p99(tl_["series"].get(sel, ([],) * 5), n)
+            return lambda sel: []
 
         def ratios(w):
             good = [x for x in w if not math.isnan(x)]
@@ -484,11 +485,12 @@ def figures(d, name, floor_dir=None, plt=None):
 
         drift = {}
         res["drift_method"] = "raw samples" if raw else "median of the %g s buckets' p99 per window" % tl["width"]
+        soak_windows, floor_windows = windows_of(raw, tl, meta), windows_of(fraw, ftl, fmeta)
         for label, _key, sel in FIGS[name]:
-            v = ratios(windows(raw, tl, meta, sel))
+            v = ratios(soak_windows(sel))
             if v:
                 # the floor's own drift: what the load generator adds over the same length of run
-                v["floor"] = ratios(windows(fraw, ftl, fmeta, sel))
+                v["floor"] = ratios(floor_windows(sel))
                 drift[label] = v
         res["drift"] = drift
         res["verdict"] = bool(drift) and all(v["ratio"] <= 1.10 for v in drift.values()) and err_ok
