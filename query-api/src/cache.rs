@@ -4,16 +4,27 @@
 //! go to the read replicas.
 
 use std::{
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use deadpool_redis::{redis::AsyncCommands, Pool};
-use shared::redis::Keys;
+use deadpool_redis::{redis::AsyncCommands, CreatePoolError, Pool};
+use shared::{redis::Keys, Settings};
 use uuid::Uuid;
 
 pub struct Cache {
     pool: Pool,
+    common: Arc<Common>,
+}
+
+/// What every worker's cache shares: one breaker, so a dead Redis is
+/// noticed once for the whole process.
+struct Common {
+    settings: Settings,
+    pool_size: usize,
     keys: Keys,
     ttl_secs: u64,
     timeout: Duration,
@@ -21,23 +32,40 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn new(pool: Pool, keys: Keys, ttl: Duration, timeout: Duration) -> Self {
-        Self {
+    pub fn new(settings: &Settings, pool_size: usize) -> Result<Self, CreatePoolError> {
+        let pool = shared::redis::pool(settings, pool_size)?;
+        Ok(Self {
             pool,
-            keys,
-            ttl_secs: ttl.as_secs().max(1),
-            timeout,
-            breaker: Breaker::default(),
-        }
+            common: Arc::new(Common {
+                settings: settings.clone(),
+                pool_size,
+                keys: Keys::new(&settings.redis_prefix),
+                ttl_secs: settings.redis_ttl.as_secs().max(1),
+                timeout: settings.redis_timeout,
+                breaker: Breaker::default(),
+            }),
+        })
+    }
+
+    /// The same cache on a pool of its own, for one HTTP worker. A Redis
+    /// connection's I/O task runs on the runtime that opened it, and each
+    /// worker is a runtime of its own: with one pool for all of them, about
+    /// half of the reads were handed to another thread and back, and each
+    /// hand-off waits for a core when the machine is busy.
+    pub fn for_worker(&self) -> Result<Self, CreatePoolError> {
+        Ok(Self {
+            pool: shared::redis::pool(&self.common.settings, self.common.pool_size)?,
+            common: self.common.clone(),
+        })
     }
 
     /// The record's JSON, `None` on a miss *or* when Redis is unavailable.
     pub async fn get(&self, id: &Uuid) -> Option<String> {
-        if !self.breaker.allow() {
+        if !self.common.breaker.allow() {
             return None;
         }
-        let key = self.keys.record(id);
-        let result = tokio::time::timeout(self.timeout, async {
+        let key = self.common.keys.record(id);
+        let result = tokio::time::timeout(self.common.timeout, async {
             let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
             conn.get::<_, Option<String>>(key)
                 .await
@@ -46,16 +74,16 @@ impl Cache {
         .await;
         match result {
             Ok(Ok(v)) => {
-                self.breaker.success();
+                self.common.breaker.success();
                 v
             }
             Ok(Err(e)) => {
-                self.breaker.failure();
+                self.common.breaker.failure();
                 tracing::debug!(error = %e, "redis get failed");
                 None
             }
             Err(_) => {
-                self.breaker.failure();
+                self.common.breaker.failure();
                 None
             }
         }
@@ -63,12 +91,12 @@ impl Cache {
 
     /// Refills after a miss; failures only cost the next reader a miss.
     pub async fn put(&self, id: &Uuid, doc: &str) {
-        if !self.breaker.allow() {
+        if !self.common.breaker.allow() {
             return;
         }
-        let key = self.keys.record(id);
-        let ttl = self.ttl_secs;
-        let result = tokio::time::timeout(self.timeout * 4, async {
+        let key = self.common.keys.record(id);
+        let ttl = self.common.ttl_secs;
+        let result = tokio::time::timeout(self.common.timeout * 4, async {
             let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
             conn.set_ex::<_, _, ()>(key, doc, ttl)
                 .await
@@ -76,17 +104,17 @@ impl Cache {
         })
         .await;
         if !matches!(result, Ok(Ok(()))) {
-            self.breaker.failure();
+            self.common.breaker.failure();
         }
     }
 
     pub async fn ping(&self) -> Result<(), String> {
-        let mut conn = tokio::time::timeout(self.timeout * 10, self.pool.get())
+        let mut conn = tokio::time::timeout(self.common.timeout * 10, self.pool.get())
             .await
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
         tokio::time::timeout(
-            self.timeout * 10,
+            self.common.timeout * 10,
             deadpool_redis::redis::cmd("PING").query_async::<String>(&mut *conn),
         )
         .await

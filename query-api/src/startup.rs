@@ -9,7 +9,7 @@ use actix_web::{
     middleware::{from_fn, Next},
     web, App, HttpServer,
 };
-use shared::{http, redis::Keys, telemetry, Settings};
+use shared::{http, telemetry, Settings};
 
 use crate::{
     cache::Cache,
@@ -20,7 +20,6 @@ use crate::{
 };
 
 pub struct AppState {
-    pub cache: Cache,
     pub replicas: Replicas,
     pub watermark: Watermark,
     pub cursors: CursorCodec,
@@ -37,14 +36,16 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let replicas = Replicas::new(&settings)?;
         let watermark = watermark::spawn(&settings, replicas.primary().cloned())?;
-        let cache = Cache::new(
-            shared::redis::pool(&settings, settings.db_pool_size as usize * 2)?,
-            Keys::new(&settings.redis_prefix),
-            settings.redis_ttl,
-            settings.redis_timeout,
-        );
+        // Actix starts one worker per core; the connections are split
+        // among their pools (see `Cache::for_worker`).
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cache = std::sync::Arc::new(Cache::new(
+            &settings,
+            (settings.db_pool_size as usize * 2)
+                .div_ceil(workers)
+                .max(4),
+        )?);
         let state = web::Data::new(AppState {
-            cache,
             replicas,
             watermark,
             cursors: CursorCodec::new(&settings.cursor_secret),
@@ -56,6 +57,9 @@ impl Application {
         let limit = http::InFlightLimit::new(settings.max_in_flight);
         let guard = shared::auth::Guard::from_settings(&settings, shared::auth::SCOPE_READ)?;
         let server = HttpServer::new(move || {
+            let cache = cache
+                .for_worker()
+                .expect("the same settings made a pool at start-up");
             App::new()
                 .wrap(from_fn(shared::auth::guard))
                 .wrap(from_fn(consistency_headers))
@@ -63,6 +67,7 @@ impl Application {
                 .wrap(from_fn(telemetry::track_requests))
                 .wrap(from_fn(http::limit_headers))
                 .app_data(state.clone())
+                .app_data(web::Data::new(cache))
                 .app_data(limit.clone())
                 .app_data(guard.clone())
                 .app_data(http::query_config())

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use shared::ApiError;
 use uuid::Uuid;
 
-use crate::{cursor::Cursor, replicas::ListQuery, startup::AppState};
+use crate::{cache::Cache, cursor::Cursor, replicas::ListQuery, startup::AppState};
 
 pub const X_CACHE: &str = "x-cache";
 pub const X_PROJECTION_SEQ: &str = "x-projection-seq";
@@ -34,6 +34,7 @@ pub async fn get(
     path: web::Path<String>,
     params: web::Query<GetParams>,
     state: web::Data<AppState>,
+    cache: web::Data<Cache>,
 ) -> Result<HttpResponse, ApiError> {
     let min_seq = params.min_seq.map(check_seq).transpose()?;
     // Not a UUID: it cannot name a record.
@@ -42,10 +43,10 @@ pub async fn get(
         Some(s) => state.watermark.reach(s, state.read_wait).await?,
         None => state.watermark.current(),
     };
-    if let Some(doc) = state.cache.get(&id).await {
+    if let Some(doc) = cache.get(&id).await {
         return Ok(record_response(doc, "hit", watermark));
     }
-    let (doc, replica_wm) = load_once(&state, id, min_seq.unwrap_or(0)).await?;
+    let (doc, replica_wm) = load_once(&state, &cache, id, min_seq.unwrap_or(0)).await?;
     let watermark = watermark.max(replica_wm);
     match doc {
         Some(doc) => Ok(record_response(doc.to_string(), "miss", watermark)),
@@ -70,6 +71,7 @@ pub struct InFlight(std::sync::Mutex<HashMap<Uuid, Load>>);
 
 async fn load_once(
     state: &web::Data<AppState>,
+    cache: &web::Data<Cache>,
     id: Uuid,
     min_wm: i64,
 ) -> Result<(Option<Arc<str>>, i64), ApiError> {
@@ -79,6 +81,7 @@ async fn load_once(
             Some(f) => (f.clone(), false),
             None => {
                 let st = state.clone();
+                let cache = cache.clone();
                 let f = async move {
                     let (doc, wm) = st
                         .replicas
@@ -87,7 +90,7 @@ async fn load_once(
                         .map_err(|e| e.to_string())?;
                     let doc: Option<Arc<str>> = doc.map(Into::into);
                     if let Some(d) = &doc {
-                        st.cache.put(&id, d).await;
+                        cache.put(&id, d).await;
                     }
                     Ok((doc, wm))
                 }

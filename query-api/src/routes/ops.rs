@@ -1,16 +1,16 @@
 use actix_web::{web, HttpResponse};
 use utoipa::OpenApi;
 
-use crate::startup::AppState;
+use crate::{cache::Cache, startup::AppState};
 
 /// Ready when at least one read replica answers; Redis is reported but not
 /// required, since reads fall back to the replicas without it.
-pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+pub async fn readyz(state: web::Data<AppState>, cache: web::Data<Cache>) -> HttpResponse {
     let timeout = std::time::Duration::from_secs(1);
     let replicas = tokio::time::timeout(timeout, state.replicas.ping_any())
         .await
         .unwrap_or_else(|_| Err("timed out".into()));
-    let redis = state.cache.ping().await;
+    let redis = cache.ping().await;
     shared::http::readiness(vec![
         ("read_replicas", true, replicas),
         ("redis", false, redis),
