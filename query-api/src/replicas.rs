@@ -58,6 +58,17 @@ impl Replicas {
         })
     }
 
+    /// The same replicas on pools of their own (`size` connections each),
+    /// for one HTTP worker: a connection's socket is driven by the runtime
+    /// that opened it, as with `Cache::for_worker`.
+    pub fn for_worker(&self, size: u32) -> Self {
+        Self {
+            pools: self.pools.iter().map(|p| db::sibling(p, size)).collect(),
+            timeout: self.timeout,
+            next: AtomicUsize::new(0),
+        }
+    }
+
     /// Tries each replica once, starting with the next in turn. `Ok(None)`
     /// from `f` means "this replica is behind": the next one is asked.
     async fn each<T, F, Fut>(&self, mut f: F) -> Result<T, ApiError>

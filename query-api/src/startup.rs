@@ -20,7 +20,6 @@ use crate::{
 };
 
 pub struct AppState {
-    pub replicas: Replicas,
     pub watermark: Watermark,
     pub cursors: CursorCodec,
     pub read_wait: Duration,
@@ -36,17 +35,18 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let replicas = Replicas::new(&settings)?;
         let watermark = watermark::spawn(&settings, replicas.primary().cloned())?;
-        // Actix starts one worker per core; the connections are split
-        // among their pools (see `Cache::for_worker`).
+        // Actix starts one worker per core, and each reads through pools of
+        // its own (see `Cache::for_worker`): the connections are split
+        // among them.
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_worker = |total: usize| total.div_ceil(workers).max(4);
         let cache = std::sync::Arc::new(Cache::new(
             &settings,
-            (settings.db_pool_size as usize * 2)
-                .div_ceil(workers)
-                .max(4),
+            per_worker(settings.db_pool_size as usize * 2),
         )?);
+        let replicas = std::sync::Arc::new(replicas);
+        let replica_pool = per_worker(settings.db_pool_size as usize) as u32;
         let state = web::Data::new(AppState {
-            replicas,
             watermark,
             cursors: CursorCodec::new(&settings.cursor_secret),
             read_wait: settings.read_wait,
@@ -60,6 +60,7 @@ impl Application {
             let cache = cache
                 .for_worker()
                 .expect("the same settings made a pool at start-up");
+            let replicas = replicas.for_worker(replica_pool);
             App::new()
                 .wrap(from_fn(shared::auth::guard))
                 .wrap(from_fn(consistency_headers))
@@ -68,6 +69,7 @@ impl Application {
                 .wrap(from_fn(http::limit_headers))
                 .app_data(state.clone())
                 .app_data(web::Data::new(cache))
+                .app_data(web::Data::new(replicas))
                 .app_data(limit.clone())
                 .app_data(guard.clone())
                 .app_data(http::query_config())

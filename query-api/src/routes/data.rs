@@ -6,7 +6,12 @@ use serde::Deserialize;
 use shared::ApiError;
 use uuid::Uuid;
 
-use crate::{cache::Cache, cursor::Cursor, replicas::ListQuery, startup::AppState};
+use crate::{
+    cache::Cache,
+    cursor::Cursor,
+    replicas::{ListQuery, Replicas},
+    startup::AppState,
+};
 
 pub const X_CACHE: &str = "x-cache";
 pub const X_PROJECTION_SEQ: &str = "x-projection-seq";
@@ -35,6 +40,7 @@ pub async fn get(
     params: web::Query<GetParams>,
     state: web::Data<AppState>,
     cache: web::Data<Cache>,
+    replicas: web::Data<Replicas>,
 ) -> Result<HttpResponse, ApiError> {
     let min_seq = params.min_seq.map(check_seq).transpose()?;
     // Not a UUID: it cannot name a record.
@@ -46,7 +52,7 @@ pub async fn get(
     if let Some(doc) = cache.get(&id).await {
         return Ok(record_response(doc, "hit", watermark));
     }
-    let (doc, replica_wm) = load_once(&state, &cache, id, min_seq.unwrap_or(0)).await?;
+    let (doc, replica_wm) = load_once(&state, &cache, &replicas, id, min_seq.unwrap_or(0)).await?;
     let watermark = watermark.max(replica_wm);
     match doc {
         Some(doc) => Ok(record_response(doc.to_string(), "miss", watermark)),
@@ -72,6 +78,7 @@ pub struct InFlight(std::sync::Mutex<HashMap<Uuid, Load>>);
 async fn load_once(
     state: &web::Data<AppState>,
     cache: &web::Data<Cache>,
+    replicas: &web::Data<Replicas>,
     id: Uuid,
     min_wm: i64,
 ) -> Result<(Option<Arc<str>>, i64), ApiError> {
@@ -80,14 +87,10 @@ async fn load_once(
         match map.get(&id) {
             Some(f) => (f.clone(), false),
             None => {
-                let st = state.clone();
                 let cache = cache.clone();
+                let replicas = replicas.clone();
                 let f = async move {
-                    let (doc, wm) = st
-                        .replicas
-                        .get(&id, min_wm)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let (doc, wm) = replicas.get(&id, min_wm).await.map_err(|e| e.to_string())?;
                     let doc: Option<Arc<str>> = doc.map(Into::into);
                     if let Some(d) = &doc {
                         cache.put(&id, d).await;
@@ -113,8 +116,7 @@ async fn load_once(
     match result {
         // A follower that needs a later watermark than the leader asked for
         // must not take the leader's "not found" for an answer.
-        Ok((None, wm)) if wm < min_wm => state
-            .replicas
+        Ok((None, wm)) if wm < min_wm => replicas
             .get(&id, min_wm)
             .await
             .map(|(d, w)| (d.map(Into::into), w)),
@@ -156,6 +158,7 @@ pub struct ListParams {
 pub async fn list(
     params: web::Query<ListParams>,
     state: web::Data<AppState>,
+    replicas: web::Data<Replicas>,
 ) -> Result<HttpResponse, ApiError> {
     let p = params.into_inner();
     let limit = match p.limit.as_deref() {
@@ -178,8 +181,7 @@ pub async fn list(
     if let Some(s) = min_seq {
         state.watermark.reach(s, state.read_wait).await?;
     }
-    let page = state
-        .replicas
+    let page = replicas
         .list(
             ListQuery {
                 kind,
