@@ -157,3 +157,52 @@ impl Breaker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(redis_url: Option<&str>) -> Settings {
+        let mut s = Settings::from_env(0).expect("test environment is valid");
+        if let Some(url) = redis_url {
+            s.redis_url = url.to_string();
+        }
+        s.redis_prefix = format!("test:{}:", shared::testkit::unique(""));
+        s.redis_ttl = Duration::from_secs(60);
+        s.redis_timeout = Duration::from_millis(500);
+        s
+    }
+
+    /// Each worker's pool lives on its own runtime, as actix's workers do.
+    #[tokio::test]
+    async fn a_record_one_worker_cached_is_read_by_another() {
+        let base = Cache::new(&settings(None), 4).unwrap();
+        let (a, b) = (base.for_worker().unwrap(), base.for_worker().unwrap());
+        let id = Uuid::now_v7();
+        a.put(&id, r#"{"seq":1}"#).await;
+        let read = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(b.get(&id))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(read.as_deref(), Some(r#"{"seq":1}"#));
+    }
+
+    /// A dead Redis is noticed once for the process: the other workers
+    /// stop trying too, instead of each paying its own timeouts.
+    #[tokio::test]
+    async fn a_dead_redis_opens_one_breaker_for_every_worker() {
+        // Nothing listens on port 1: every call fails at once.
+        let base = Cache::new(&settings(Some("redis://127.0.0.1:1/0")), 4).unwrap();
+        let (a, b) = (base.for_worker().unwrap(), base.for_worker().unwrap());
+        assert!(b.common.breaker.allow());
+        for _ in 0..THRESHOLD {
+            assert_eq!(a.get(&Uuid::now_v7()).await, None);
+        }
+        assert!(!b.common.breaker.allow(), "b's breaker is still closed");
+    }
+}
