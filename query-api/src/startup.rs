@@ -36,10 +36,11 @@ impl Application {
         let replicas = Replicas::new(&settings)?;
         let watermark = watermark::spawn(&settings, replicas.primary().cloned())?;
         // Actix starts one worker per core, and each reads through pools of
-        // its own (see `Cache::for_worker`): the connections are split
-        // among them.
+        // its own (see `Cache::for_worker`): the configured connections are
+        // split among them, rounded up, so a small DB_POOL_SIZE stays small
+        // on a large machine.
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_worker = |total: usize| total.div_ceil(workers).max(4);
+        let per_worker = |total: usize| total.div_ceil(workers).max(1);
         let cache = std::sync::Arc::new(Cache::new(
             &settings,
             per_worker(settings.db_pool_size as usize * 2),
