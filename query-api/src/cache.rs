@@ -23,8 +23,7 @@ pub struct Cache {
 /// What every worker's cache shares: one breaker, so a dead Redis is
 /// noticed once for the whole process.
 struct Common {
-    settings: Settings,
-    pool_size: usize,
+    config: deadpool_redis::Config,
     keys: Keys,
     ttl_secs: u64,
     timeout: Duration,
@@ -33,12 +32,11 @@ struct Common {
 
 impl Cache {
     pub fn new(settings: &Settings, pool_size: usize) -> Result<Self, CreatePoolError> {
-        let pool = shared::redis::pool(settings, pool_size)?;
+        let config = shared::redis::config(settings, pool_size);
         Ok(Self {
-            pool,
+            pool: shared::redis::open(&config)?,
             common: Arc::new(Common {
-                settings: settings.clone(),
-                pool_size,
+                config,
                 keys: Keys::new(&settings.redis_prefix),
                 ttl_secs: settings.redis_ttl.as_secs().max(1),
                 timeout: settings.redis_timeout,
@@ -54,7 +52,7 @@ impl Cache {
     /// hand-off waits for a core when the machine is busy.
     pub fn for_worker(&self) -> Result<Self, CreatePoolError> {
         Ok(Self {
-            pool: shared::redis::pool(&self.common.settings, self.common.pool_size)?,
+            pool: shared::redis::open(&self.common.config)?,
             common: self.common.clone(),
         })
     }

@@ -8,6 +8,13 @@ use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
 use crate::Settings;
 
 pub fn pool(settings: &Settings, size: usize) -> Result<Pool, deadpool_redis::CreatePoolError> {
+    open(&config(settings, size))
+}
+
+/// What `pool` is made from, for a caller that opens more pools like it
+/// (one per HTTP worker: a connection's I/O stays on the runtime that
+/// opened it).
+pub fn config(settings: &Settings, size: usize) -> Config {
     let mut cfg = Config::from_url(settings.redis_url.clone());
     let mut pool = PoolConfig::new(size);
     // Bounded everywhere: a dead or hung Redis must cost a request at most a
@@ -19,7 +26,12 @@ pub fn pool(settings: &Settings, size: usize) -> Result<Pool, deadpool_redis::Cr
         recycle: Some(t),
     };
     cfg.pool = Some(pool);
-    cfg.create_pool(Some(Runtime::Tokio1))
+    cfg
+}
+
+/// A new, empty pool from `config`.
+pub fn open(config: &Config) -> Result<Pool, deadpool_redis::CreatePoolError> {
+    config.create_pool(Some(Runtime::Tokio1))
 }
 
 #[derive(Clone, Debug)]
