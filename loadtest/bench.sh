@@ -25,6 +25,14 @@
 #                       thresholded Trend every 2 s, a cost that grows with the run; measured
 #                       no gain from skipping it (README: "An eleventh run"), so it stays on
 #                       (not K6_THRESHOLDS: k6 reads K6_* variables as its own options)
+#   BENCH_GOGC=1000     the Go garbage collector's settings for k6 only (GOGC and
+#   BENCH_GOMEMLIMIT=2GiB  GOMEMLIMIT; "" leaves Go's defaults, 100 and no limit). At Go's
+#                       defaults k6 collected 8 times a second at 3,000/s, and its
+#                       pauses and mark work were most of the floor's tail: against static
+#                       nginx, p99 0.95-2.1 ms instead of 3.8-4.5 at 3,000/s and 4.1-8.2
+#                       instead of 31-51 at 6,000/s, for 0.8-1.8 GB of memory instead of
+#                       0.14-0.3 (README: "A thirteenth run"). The limit caps the heap:
+#                       raise it for soaks longer than an hour (k6 1.1 keeps every sample)
 #   RAW=0               1: also keep k6 raw samples (--out csv=...gz); they cost k6 ~10 ms of
 #                       p99 at 3,000/s, so the plots come from per-second Trends by default
 #   SEED_MODE=topup     topup: seed SCALE minus what is there; add: seed SCALE more; skip
@@ -73,6 +81,8 @@ ROUNDS="${ROUNDS:-1}"
 FLOOR_PORT="${FLOOR_PORT:-8099}"
 RAW="${RAW:-0}"
 BENCH_THRESHOLDS="${BENCH_THRESHOLDS:-1}"
+BENCH_GOGC="${BENCH_GOGC-1000}"
+BENCH_GOMEMLIMIT="${BENCH_GOMEMLIMIT-2GiB}"
 SEED_MODE="${SEED_MODE:-topup}"
 SEED_ARGS="${SEED_ARGS:-}"
 COOLDOWN="${COOLDOWN:-3}"
@@ -317,9 +327,11 @@ run_k6() {
   log "run $tag: $(basename "$script") rate=$rate/s duration=$dur target=$([ "$floor" = 1 ] && echo "$FLOOR_URL" || echo "${K6_BASE:-$CMD_URL + $QUERY_URL}") records~${records:-?}"
   python3 "$HERE/procsample.py" "$dir/$tag.procs.csv" &
   SAMPLER_PID=$!
-  local t0 t1 rc
+  local t0 t1 rc gc=()
+  [ -n "$BENCH_GOGC" ] && gc+=("GOGC=$BENCH_GOGC")
+  [ -n "$BENCH_GOMEMLIMIT" ] && gc+=("GOMEMLIMIT=$BENCH_GOMEMLIMIT")
   t0="$(date -u +%s.%N)"
-  K6_CSV_TIME_FORMAT=unix_milli "$K6" run --quiet --no-color "${args[@]}" "$script" >"$dir/$tag.k6.log" 2>&1 &
+  env "${gc[@]}" K6_CSV_TIME_FORMAT=unix_milli "$K6" run --quiet --no-color "${args[@]}" "$script" >"$dir/$tag.k6.log" 2>&1 &
   K6_PID=$!
   wait "$K6_PID"
   rc=$?
@@ -428,6 +440,7 @@ log "results in $OUT"
   echo "  \"cmd_url\": \"$CMD_URL\", \"query_url\": \"$QUERY_URL\", \"gateway\": \"${K6_BASE}\","
   echo "  \"busy_before_pct\": ${busy:-null},"
   echo "  \"k6_thresholds\": $([ "$BENCH_THRESHOLDS" = 0 ] && echo false || echo true),"
+  echo "  \"k6_gogc\": \"$BENCH_GOGC\", \"k6_gomemlimit\": \"$BENCH_GOMEMLIMIT\","
   echo "  \"selftest\": $BENCH_SELFTEST"
   echo "}"
 } >"$OUT/env.json"

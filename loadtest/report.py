@@ -605,6 +605,9 @@ def render(d, env, scale, results):
                 env["busy_before_pct"], " — **other work was running; figures are noisy**" if env["busy_before_pct"] > 25 else ""))
         if env.get("k6_thresholds") is False:
             L.append("- k6 ran without evaluating thresholds (`BENCH_THRESHOLDS=0`): the verdicts are this report's, from the same summaries")
+        if "k6_gogc" in env:
+            L.append("- k6's garbage collector: GOGC=%s, GOMEMLIMIT=%s (empty: Go's default)" % (
+                env.get("k6_gogc") or "", env.get("k6_gomemlimit") or ""))
         if env.get("selftest"):
             L.append("- **SELFTEST run: a static nginx played the stack; the figures say nothing about the service.**")
     if scale:

@@ -145,6 +145,19 @@ class SoakDriftBesideTheFloor(unittest.TestCase):
         self.assertAlmostEqual(v["floor"]["fitted_ratio"], 1.0)
 
 
+class LoadGeneratorSettings(unittest.TestCase):
+    def test_the_report_says_how_k6_collected_its_garbage(self):
+        # A floor measured with other GC settings than its figure would not
+        # be its floor: the report must say which were used.
+        env = {"k6": "k6 v1.1.0", "k6_gogc": "1000", "k6_gomemlimit": "2GiB"}
+        md = report.render("/nonexistent", env, None, [])
+        self.assertIn("GOGC=1000, GOMEMLIMIT=2GiB", md)
+        env.update(k6_gogc="", k6_gomemlimit="")
+        self.assertIn("GOGC=, GOMEMLIMIT= (empty: Go's default)", report.render("/nonexistent", env, None, []))
+        del env["k6_gogc"]
+        self.assertNotIn("garbage collector", report.render("/nonexistent", env, None, []))
+
+
 class CompareMedians(unittest.TestCase):
     def test_the_ratio_is_one_of_medians(self):
         with tempfile.TemporaryDirectory() as out:
