@@ -303,6 +303,21 @@ fetch_ids() {
 
 # --------------------------------------------------------------- one k6 run
 # run_k6 <name> <dir> <floor 0|1> [rate] [duration]
+# Some VMs' kernels page out cold memory on their own (DAMON's pageout
+# scheme), evicting the databases' page cache between reads: said in the
+# report, since it moves the figures at scale more than the service does.
+damon_pageout() {
+  local k sch out=""
+  for k in /sys/kernel/mm/damon/admin/kdamonds/*/; do
+    [ "$(cat "$k/state" 2>/dev/null)" = on ] || continue
+    for sch in "$k"contexts/*/schemes/*/; do
+      [ "$(cat "$sch/action" 2>/dev/null)" = pageout ] || continue
+      out="pageout, at most $(($(cat "$sch/quotas/bytes" 2>/dev/null || echo 0) / 1048576)) MiB per $(cat "$sch/quotas/reset_interval_ms" 2>/dev/null || echo '?') ms"
+    done
+  done
+  echo "$out"
+}
+
 run_k6() {
   local name="$1" dir="$2" floor="$3" rate="${4:-$(rate_of "$1")}" dur="${5:-$(duration_of "$1")}"
   local script tag args=()
@@ -440,6 +455,7 @@ log "results in $OUT"
   echo "  \"cmd_url\": \"$CMD_URL\", \"query_url\": \"$QUERY_URL\", \"gateway\": \"${K6_BASE}\","
   echo "  \"busy_before_pct\": ${busy:-null},"
   echo "  \"k6_thresholds\": $([ "$BENCH_THRESHOLDS" = 0 ] && echo false || echo true),"
+  echo "  \"damon_pageout\": \"$(damon_pageout)\","
   echo "  \"k6_gogc\": \"$BENCH_GOGC\", \"k6_gomemlimit\": \"$BENCH_GOMEMLIMIT\","
   echo "  \"selftest\": $BENCH_SELFTEST"
   echo "}"

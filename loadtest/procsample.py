@@ -5,7 +5,10 @@
 
 Runs until SIGTERM/SIGINT. Processes are grouped by name (the kernel's comm,
 or argv[0]'s basename): all postgres backends count as "postgres", beam.smp is
-RabbitMQ, nginx started with the floor's config is "nginx-floor". Per sample and group: number of processes, CPU% over the interval
+RabbitMQ, nginx started with the floor's config is "nginx-floor", and the
+kernel's page reclaim threads (kswapd, and kdamond when DAMON reclaims cold
+pages) are "kernel-reclaim": on a VM that reclaims page cache proactively,
+the databases' pages are read back from disk between runs. Per sample and group: number of processes, CPU% over the interval
 (100 = one core busy; summed over the group), RSS (summed, MiB) and PSS (MiB;
 shared pages divided among their users, so postgres' shared buffers are not
 counted once per backend; from /proc/PID/smaps_rollup when readable). A
@@ -17,7 +20,7 @@ import signal
 import sys
 import time
 
-DEFAULT = "command-api,query-api,projector,postgres,redis-server,beam.smp,k6,nginx"
+DEFAULT = "command-api,query-api,projector,postgres,redis-server,beam.smp,k6,nginx,kernel-reclaim"
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NCPU = os.cpu_count() or 1
@@ -57,9 +60,15 @@ def ppid(pid):
         return None
 
 
+def reclaim_thread(nm):
+    return nm.startswith("kswapd") or nm.startswith("kdamond")
+
+
 def classify(pid, nm, cache):
     """nginx serving the floor (a master started with the floor's config, and
     its workers) is reported as nginx-floor, apart from the gateway's nginx."""
+    if reclaim_thread(nm):
+        return "kernel-reclaim"
     if nm != "nginx":
         return nm
     if pid not in cache:
@@ -146,7 +155,7 @@ def main():
             if not d.isdigit():
                 continue
             nm = proc_name(d)
-            if nm not in groups:
+            if nm not in groups and not (nm and reclaim_thread(nm) and "kernel-reclaim" in groups):
                 continue
             nm = classify(d, nm, kinds)
             t = cpu_ticks(d)

@@ -84,7 +84,7 @@ TARGET_TEXT = {
 }
 CONTRACT_MS = 500
 RECORDS_PER_S = 100000
-PROCS = ["command-api", "query-api", "projector", "postgres", "redis-server", "beam.smp", "nginx", "k6", "nginx-floor", "_machine"]
+PROCS = ["command-api", "query-api", "projector", "postgres", "redis-server", "beam.smp", "nginx", "k6", "nginx-floor", "kernel-reclaim", "_machine"]
 
 
 def ensure_matplotlib():
@@ -608,6 +608,9 @@ def render(d, env, scale, results):
         if "k6_gogc" in env:
             L.append("- k6's garbage collector: GOGC=%s, GOMEMLIMIT=%s (empty: Go's default)" % (
                 env.get("k6_gogc") or "", env.get("k6_gomemlimit") or ""))
+        if env.get("damon_pageout"):
+            L.append("- the kernel's DAMON pages out cold memory (`%s`) during the runs: the databases' page cache is evicted between reads, "
+                     "so figures at scale include reads from disk; its CPU is the `kernel-reclaim` row" % env["damon_pageout"])
         if env.get("selftest"):
             L.append("- **SELFTEST run: a static nginx played the stack; the figures say nothing about the service.**")
     if scale:

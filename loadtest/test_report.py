@@ -145,7 +145,7 @@ class SoakDriftBesideTheFloor(unittest.TestCase):
         self.assertAlmostEqual(v["floor"]["fitted_ratio"], 1.0)
 
 
-class LoadGeneratorSettings(unittest.TestCase):
+class RunConditions(unittest.TestCase):
     def test_the_report_says_how_k6_collected_its_garbage(self):
         # A floor measured with other GC settings than its figure would not
         # be its floor: the report must say which were used.
@@ -156,6 +156,13 @@ class LoadGeneratorSettings(unittest.TestCase):
         self.assertIn("GOGC=, GOMEMLIMIT= (empty: Go's default)", report.render("/nonexistent", env, None, []))
         del env["k6_gogc"]
         self.assertNotIn("garbage collector", report.render("/nonexistent", env, None, []))
+
+    def test_the_report_says_when_the_kernel_pages_out_cold_memory(self):
+        env = {"k6": "k6 v1.1.0", "damon_pageout": "pageout, at most 128 MiB per 1000 ms"}
+        self.assertIn("DAMON pages out cold memory (`pageout, at most 128 MiB per 1000 ms`)",
+                      report.render("/nonexistent", env, None, []))
+        env["damon_pageout"] = ""
+        self.assertNotIn("DAMON", report.render("/nonexistent", env, None, []))
 
 
 class CompareMedians(unittest.TestCase):
