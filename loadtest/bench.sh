@@ -29,7 +29,7 @@
 #   BENCH_GOMEMLIMIT=2GiB  GOMEMLIMIT; "" leaves Go's defaults, 100 and no limit). At Go's
 #                       defaults k6 collected 8 times a second at 3,000/s, and its
 #                       pauses and mark work were most of the floor's tail: against static
-#                       nginx, p99 0.95-2.1 ms instead of 3.8-4.5 at 3,000/s and 4.1-8.2
+#                       nginx, p99 0.9-2.1 ms instead of 3.8-10.1 at 3,000/s and 4.1-8.2
 #                       instead of 31-51 at 6,000/s, for 0.8-1.8 GB of memory instead of
 #                       0.14-0.3 (README: "A thirteenth run"). The limit caps the heap:
 #                       raise it for soaks longer than an hour (k6 1.1 keeps every sample)
