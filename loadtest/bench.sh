@@ -301,8 +301,6 @@ fetch_ids() {
   QUERY_URL="$QUERY_URL" ID_POOL="${ID_POOL:-20000}" TOKEN="${TOKEN:-}" python3 "$HERE/idpool.py" "$1"
 }
 
-# --------------------------------------------------------------- one k6 run
-# run_k6 <name> <dir> <floor 0|1> [rate] [duration]
 # Some VMs' kernels page out cold memory on their own (DAMON's pageout
 # scheme), evicting the databases' page cache between reads: said in the
 # report, since it moves the figures at scale more than the service does.
@@ -318,6 +316,8 @@ damon_pageout() {
   echo "$out"
 }
 
+# --------------------------------------------------------------- one k6 run
+# run_k6 <name> <dir> <floor 0|1> [rate] [duration]
 run_k6() {
   local name="$1" dir="$2" floor="$3" rate="${4:-$(rate_of "$1")}" dur="${5:-$(duration_of "$1")}"
   local script tag args=()

@@ -67,8 +67,6 @@ def reclaim_thread(nm):
 def classify(pid, nm, cache):
     """nginx serving the floor (a master started with the floor's config, and
     its workers) is reported as nginx-floor, apart from the gateway's nginx."""
-    if reclaim_thread(nm):
-        return "kernel-reclaim"
     if nm != "nginx":
         return nm
     if pid not in cache:
@@ -155,7 +153,9 @@ def main():
             if not d.isdigit():
                 continue
             nm = proc_name(d)
-            if nm not in groups and not (nm and reclaim_thread(nm) and "kernel-reclaim" in groups):
+            if nm and reclaim_thread(nm):
+                nm = "kernel-reclaim"
+            if nm not in groups:
                 continue
             nm = classify(d, nm, kinds)
             t = cpu_ticks(d)
