@@ -25,16 +25,10 @@
 #                       thresholded Trend every 2 s, a cost that grows with the run; measured
 #                       no gain from skipping it (README: "An eleventh run"), so it stays on
 #                       (not K6_THRESHOLDS: k6 reads K6_* variables as its own options)
-#   BENCH_GOGC=1000     the Go garbage collector's settings for k6 only (GOGC and
-#   BENCH_GOMEMLIMIT=2GiB  GOMEMLIMIT; "" leaves Go's defaults, 100 and no limit). At Go's
-#                       defaults k6 collected 8 times a second at 3,000/s, and its
-#                       pauses and mark work were most of the floor's tail: against static
-#                       nginx, p99 0.9-2.1 ms instead of 3.8-10.1 at 3,000/s and 4.1-8.2
-#                       instead of 31-51 at 6,000/s, for 0.8-1.8 GB of memory instead of
-#                       0.14-0.3 (README: "A thirteenth run"). The limit caps the heap,
-#                       and the 30-minute soak reached it after 10 minutes (k6 1.1 keeps
-#                       every sample), collecting more often from then on: for a soak, a
-#                       higher limit (6GiB, say) is likely better, not yet measured
+#   BENCH_GOGC=1000     GOGC and GOMEMLIMIT for k6 alone ("" leaves Go's defaults: 100, no
+#   BENCH_GOMEMLIMIT=2GiB  limit). At Go's defaults k6's collector made most of the floor's
+#                       tail; what the settings gain and cost, and what they did to a soak:
+#                       loadtest/README.md (environment variables of make bench)
 #   RAW=0               1: also keep k6 raw samples (--out csv=...gz); they cost k6 ~10 ms of
 #                       p99 at 3,000/s, so the plots come from per-second Trends by default
 #   SEED_MODE=topup     topup: seed SCALE minus what is there; add: seed SCALE more; skip

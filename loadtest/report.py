@@ -606,8 +606,8 @@ def render(d, env, scale, results):
         if env.get("k6_thresholds") is False:
             L.append("- k6 ran without evaluating thresholds (`BENCH_THRESHOLDS=0`): the verdicts are this report's, from the same summaries")
         if "k6_gogc" in env:
-            L.append("- k6's garbage collector: GOGC=%s, GOMEMLIMIT=%s (empty: Go's default)" % (
-                env.get("k6_gogc") or "", env.get("k6_gomemlimit") or ""))
+            L.append("- k6's garbage collector: GOGC=%s, GOMEMLIMIT=%s" % (
+                env["k6_gogc"] or "Go's default", env.get("k6_gomemlimit") or "Go's default"))
         if env.get("damon_pageout"):
             L.append("- the kernel's DAMON pages out cold memory (`%s`) during the runs: the databases' page cache is evicted between reads, "
                      "so figures at scale include reads from disk; its CPU is the `kernel-reclaim` row" % env["damon_pageout"])

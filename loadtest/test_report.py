@@ -153,7 +153,7 @@ class RunConditions(unittest.TestCase):
         md = report.render("/nonexistent", env, None, [])
         self.assertIn("GOGC=1000, GOMEMLIMIT=2GiB", md)
         env.update(k6_gogc="", k6_gomemlimit="")
-        self.assertIn("GOGC=, GOMEMLIMIT= (empty: Go's default)", report.render("/nonexistent", env, None, []))
+        self.assertIn("GOGC=Go's default, GOMEMLIMIT=Go's default", report.render("/nonexistent", env, None, []))
         del env["k6_gogc"]
         self.assertNotIn("garbage collector", report.render("/nonexistent", env, None, []))
 
