@@ -25,6 +25,8 @@
 #                       thresholded Trend every 2 s, a cost that grows with the run; measured
 #                       no gain from skipping it (README: "An eleventh run"), so it stays on
 #                       (not K6_THRESHOLDS: k6 reads K6_* variables as its own options)
+#   SOAK_THRESHOLDS=0   the same for the soak (and its floor soak), off by default: that cost
+#                       grows over the run whose growth the soak measures (loadtest/README)
 #   BENCH_GOGC=1000     GOGC and GOMEMLIMIT for k6 alone ("" leaves Go's defaults: 100, no
 #   BENCH_GOMEMLIMIT=2GiB  limit). At Go's defaults k6's collector made most of the floor's
 #                       tail; what the settings gain and cost, and what they did to a soak:
@@ -77,6 +79,7 @@ ROUNDS="${ROUNDS:-1}"
 FLOOR_PORT="${FLOOR_PORT:-8099}"
 RAW="${RAW:-0}"
 BENCH_THRESHOLDS="${BENCH_THRESHOLDS:-1}"
+SOAK_THRESHOLDS="${SOAK_THRESHOLDS:-0}"
 BENCH_GOGC="${BENCH_GOGC-1000}"
 BENCH_GOMEMLIMIT="${BENCH_GOMEMLIMIT-2GiB}"
 SEED_MODE="${SEED_MODE:-topup}"
@@ -329,8 +332,12 @@ run_k6() {
     args+=(-e "BASE_URL=$K6_BASE" -e "GATEWAY=1")
   fi
   [ -n "$ID_FILE" ] && args+=(-e "ID_FILE=$ID_FILE")
-  # The smoke's verdict is k6's exit code, so it keeps its thresholds.
-  [ "$BENCH_THRESHOLDS" = 0 ] && [ "$name" != smoke ] && args+=(--no-thresholds)
+  # The smoke's verdict is k6's exit code, so it keeps its thresholds. The
+  # soak's verdict is report.py's drift, and k6's re-sort of every sample so
+  # far, every 2 s, is a cost that grows over the very run that measures growth.
+  local thr="$BENCH_THRESHOLDS"
+  [ "$name" = soak ] && thr="$SOAK_THRESHOLDS"
+  [ "$thr" = 0 ] && [ "$name" != smoke ] && args+=(--no-thresholds)
   # Raw samples cost k6 CPU per row: only the tags the report reads.
   [ "$RAW" = 1 ] && [ "$name" != warmup ] && args+=(--out "csv=$dir/$tag.csv.gz" --system-tags "status,expected_response")
   local records
@@ -451,6 +458,7 @@ log "results in $OUT"
   echo "  \"cmd_url\": \"$CMD_URL\", \"query_url\": \"$QUERY_URL\", \"gateway\": \"${K6_BASE}\","
   echo "  \"busy_before_pct\": ${busy:-null},"
   echo "  \"k6_thresholds\": $([ "$BENCH_THRESHOLDS" = 0 ] && echo false || echo true),"
+  echo "  \"k6_soak_thresholds\": $([ "$SOAK_THRESHOLDS" = 0 ] && echo false || echo true),"
   echo "  \"damon_pageout\": \"$(damon_pageout)\","
   echo "  \"k6_gogc\": \"$BENCH_GOGC\", \"k6_gomemlimit\": \"$BENCH_GOMEMLIMIT\","
   echo "  \"selftest\": $BENCH_SELFTEST"
