@@ -346,6 +346,41 @@ def read_procs(path, start=None, end=None):
 
 # ------------------------------------------------------------------ one scenario
 
+def procs_windows(path, start, end, n_windows):
+    """{proc: [CPU % per window]} over one run, plus "other": the machine's
+    busy CPU that none of the sampled groups accounts for (softirq of the
+    loopback traffic, other processes), and "k6 RSS" in MiB: a soak's drift
+    may come from what grows beside the service rather than from it."""
+    if not os.path.exists(path) or not start or not end or end <= start:
+        return {}
+    width = (end - start) / n_windows
+    cpu = defaultdict(lambda: [[] for _ in range(n_windows)])
+    k6_rss = [[] for _ in range(n_windows)]
+    with open(path) as f:
+        first_ts = None
+        for row in csv.DictReader(f):
+            ts = float(row["ts"])
+            if first_ts is None:
+                first_ts = ts
+            if ts < first_ts + 0.5 or ts < start + 1 or ts > end + 0.5:  # no CPU delta yet / outside the run
+                continue
+            i = min(n_windows - 1, int((ts - start) / width))
+            cpu[row["proc"]][i].append(float(row["cpu_pct"]))
+            if row["proc"] == "k6":
+                k6_rss[i].append(float(row["rss_mb"]))
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    out = {p: [mean(w) for w in ws] for p, ws in cpu.items()}
+    if "_machine" in out:
+        out["other"] = [m - sum(v[i] for p, v in out.items() if p != "_machine" and not math.isnan(v[i]))
+                        for i, m in enumerate(out["_machine"])]
+    if any(k6_rss):
+        out["k6 RSS"] = [max(w) if w else float("nan") for w in k6_rss]
+    return out
+
+
 def scenario_names(d):
     names = set()
     for p in glob.glob(os.path.join(d, "*.meta.json")):
@@ -493,6 +528,7 @@ def figures(d, name, floor_dir=None, plt=None):
                 v["floor"] = ratios(floor_windows(sel))
                 drift[label] = v
         res["drift"] = drift
+        res["procs_windows"] = procs_windows(os.path.join(d, name + ".procs.csv"), meta.get("start"), meta.get("end"), n)
         res["verdict"] = bool(drift) and all(v["ratio"] <= 1.10 for v in drift.values()) and err_ok
     if plt is not None and (raw or tl):
         res["plot"] = plot(plt, d, name, lines_of(raw, tl, sels, meta, res), lines_of(fraw, ftl, sels, fmeta, res), res)
@@ -684,6 +720,19 @@ def render(d, env, scale, results):
             L.append("")
             L.append("The verdict is last/first window. *Trend* is the same ratio on the Theil-Sen line "
                      "through all windows: it shows whether the p99 moves over the run or one window is an outlier.")
+            pw = r.get("procs_windows") or {}
+            rows = [p for p in PROCS + ["other", "k6 RSS"] if p in pw and p not in ("nginx-floor",)]
+            if rows:
+                n = len(next(iter(pw.values())))
+                L.append("")
+                L.append("CPU per window (%% of one core; *other* is the machine's busy CPU that none of the rows above it "
+                         "accounts for, mostly the loopback's softirq), and k6's memory (MiB):")
+                L.append("")
+                L.append("| process | %s |" % " | ".join(str(i + 1) for i in range(n)))
+                L.append("|---|%s" % ("---:|" * n))
+                for p in rows:
+                    L.append("| %s | %s |" % ("machine" if p == "_machine" else p,
+                                              " | ".join("–" if math.isnan(x) else fmt_num(x) for x in pw[p])))
         if r.get("statuses"):
             L.append("")
             L.append("Statuses: " + "; ".join("%s: %s" % (ep, ", ".join("%s×%s" % (st, fmt_num(n)) for st, n in sorted(sts.items())))

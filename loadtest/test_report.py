@@ -145,6 +145,35 @@ class SoakDriftBesideTheFloor(unittest.TestCase):
         self.assertAlmostEqual(v["floor"]["fitted_ratio"], 1.0)
 
 
+    def test_the_cpu_of_each_process_is_shown_per_window(self):
+        # Whether a drift is the service's or what runs beside it: each
+        # group's CPU per window, and the machine's busy CPU none accounts for.
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "soak.json"), "w") as f:
+                json.dump(soak_summary(lambda i: 10.0), f)
+            with open(os.path.join(d, "soak.meta.json"), "w") as f:
+                json.dump({"name": "soak", "rate": 1000, "duration": "10m", "start": 1000.0, "end": 1600.0}, f)
+            with open(os.path.join(d, "soak.procs.csv"), "w") as f:
+                f.write("ts,proc,n,cpu_pct,rss_mb,pss_mb\n")
+                for t in range(999, 1600):
+                    k = (t - 1000) // 60  # the window, 0-9
+                    f.write("%d,query-api,1,%.1f,50.0,40.0\n" % (t, 20.0 + 2 * k))
+                    f.write("%d,k6,1,40.0,%.1f,\n" % (t, 500.0 + 100 * k))
+                    f.write("%d,_machine,2,%.1f,4000.0,\n" % (t, 70.0 + 2 * k))
+            r = report.figures(d, "soak")
+            md = report.render(d, {"k6": "k6 v1.1.0"}, None, [r])
+        pw = r["procs_windows"]
+        self.assertEqual(len(pw["query-api"]), 10)
+        self.assertAlmostEqual(pw["query-api"][0], 20.0)
+        self.assertAlmostEqual(pw["query-api"][9], 38.0)
+        self.assertAlmostEqual(pw["other"][0], 10.0)
+        self.assertAlmostEqual(pw["other"][9], 10.0)
+        self.assertEqual(pw["k6 RSS"][9], 1400.0)
+        self.assertIn("| query-api | 20 | 22 | 24 |", md)
+        self.assertIn("| other | 10 | 10 |", md)
+        self.assertIn("| k6 RSS | 500 | 600 |", md)
+
+
 class RunConditions(unittest.TestCase):
     def test_the_report_says_how_k6_collected_its_garbage(self):
         # A floor measured with other GC settings than its figure would not
