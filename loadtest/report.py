@@ -641,6 +641,8 @@ def render(d, env, scale, results):
                 env["busy_before_pct"], " — **other work was running; figures are noisy**" if env["busy_before_pct"] > 25 else ""))
         if env.get("k6_thresholds") is False:
             L.append("- k6 ran without evaluating thresholds (`BENCH_THRESHOLDS=0`): the verdicts are this report's, from the same summaries")
+        if env.get("k6_soak_thresholds") is False and "soak" in (env.get("scenarios") or "").split():
+            L.append("- the soak ran without k6's threshold evaluation (`SOAK_THRESHOLDS=0`): its verdict is this report's drift")
         if "k6_gogc" in env:
             L.append("- k6's garbage collector: GOGC=%s, GOMEMLIMIT=%s" % (
                 env["k6_gogc"] or "Go's default", env.get("k6_gomemlimit") or "Go's default"))

@@ -186,6 +186,12 @@ class RunConditions(unittest.TestCase):
         del env["k6_gogc"]
         self.assertNotIn("garbage collector", report.render("/nonexistent", env, None, []))
 
+    def test_the_report_says_when_the_soak_ran_without_thresholds(self):
+        env = {"k6": "k6 v1.1.0", "scenarios": "soak", "k6_soak_thresholds": False}
+        self.assertIn("soak ran without k6's threshold evaluation", report.render("/nonexistent", env, None, []))
+        env["scenarios"] = "read_id list"  # no soak in this run: nothing to say
+        self.assertNotIn("soak ran without", report.render("/nonexistent", env, None, []))
+
     def test_the_report_says_when_the_kernel_pages_out_cold_memory(self):
         env = {"k6": "k6 v1.1.0", "damon_pageout": "pageout, at most 128 MiB per 1000 ms"}
         self.assertIn("DAMON pages out cold memory (`pageout, at most 128 MiB per 1000 ms`)",
