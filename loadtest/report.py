@@ -727,7 +727,7 @@ def render(d, env, scale, results):
             if rows:
                 n = len(next(iter(pw.values())))
                 L.append("")
-                L.append("CPU per window (%% of one core; *other* is the machine's busy CPU that none of the rows above it "
+                L.append("CPU per window (% of one core; *other* is the machine's busy CPU that none of the rows above it "
                          "accounts for, mostly the loopback's softirq), and k6's memory (MiB):")
                 L.append("")
                 L.append("| process | %s |" % " | ".join(str(i + 1) for i in range(n)))

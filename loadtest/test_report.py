@@ -169,6 +169,7 @@ class SoakDriftBesideTheFloor(unittest.TestCase):
         self.assertAlmostEqual(pw["other"][0], 10.0)
         self.assertAlmostEqual(pw["other"][9], 10.0)
         self.assertEqual(pw["k6 RSS"][9], 1400.0)
+        self.assertIn("CPU per window (% of one core", md)
         self.assertIn("| query-api | 20 | 22 | 24 |", md)
         self.assertIn("| other | 10 | 10 |", md)
         self.assertIn("| k6 RSS | 500 | 600 |", md)
