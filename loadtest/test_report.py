@@ -193,6 +193,15 @@ class RunConditions(unittest.TestCase):
         env["scenarios"] = "read_id list"  # no soak in this run: nothing to say
         self.assertNotIn("soak ran without", report.render("/nonexistent", env, None, []))
 
+    def test_a_run_that_seeded_nothing_does_not_claim_a_requested_scale(self):
+        scale = {"scale": 100000, "records_after": 12826998}
+        env = {"k6": "k6 v1.1.0", "seed_mode": "skip"}
+        out = report.render("/nonexistent", env, scale, [])
+        self.assertIn("scale: not seeded (`SEED_MODE=skip`); ~12,826,998 after the runs", out)
+        self.assertNotIn("records requested", out)
+        env["seed_mode"] = "topup"
+        self.assertIn("scale: 100,000 records requested", report.render("/nonexistent", env, scale, []))
+
     def test_the_report_says_when_the_kernel_pages_out_cold_memory(self):
         env = {"k6": "k6 v1.1.0", "damon_pageout": "pageout, at most 128 MiB per 1000 ms"}
         self.assertIn("DAMON pages out cold memory (`pageout, at most 128 MiB per 1000 ms`)",
