@@ -269,15 +269,18 @@ seed_to() { # target count, log file
   local want="$1" logf="$2" have need
   SEEDED=0
   case "$SEED_MODE" in
-    skip) log "seeding skipped (SEED_MODE=skip)"; return 0 ;;
+    # Decisions not to seed go to the seed log too: the report reads it.
+    skip) log "seeding skipped (SEED_MODE=skip)" 2>&1 | tee -a "$logf" >&2; return 0 ;;
     add) need="$want" ;;
     topup)
       have="$(projection_seq)"
       have="${have:-0}"
       need=$((want - have))
       if [ "$need" -le 0 ]; then
-        log "store holds ~$have records (watermark) >= $want: no seeding"
-        [ "$have" -gt $((want * 3 / 2)) ] && log "WARNING: ~$have records is well above SCALE=$want; the figures are for ~$have records (reset the store to measure $want)"
+        log "store holds ~$have records (watermark) >= $want: no seeding" 2>&1 | tee -a "$logf" >&2
+        if [ "$have" -gt $((want * 3 / 2)) ]; then
+          log "WARNING: ~$have records is well above SCALE=$want; the figures are for ~$have records (reset the store to measure $want)" 2>&1 | tee -a "$logf" >&2
+        fi
         return 0
       fi
       ;;
@@ -455,7 +458,6 @@ log "results in $OUT"
   echo "  \"scale\": $SCALE, \"duration\": \"$DURATION\", \"compare\": $COMPARE, \"rounds\": $ROUNDS,"
   echo "  \"scale_small\": $SCALE_SMALL, \"scale_large\": $SCALE_LARGE,"
   echo "  \"scenarios\": \"$SCENARIOS\","
-  echo "  \"seed_mode\": \"$SEED_MODE\","
   echo "  \"cmd_url\": \"$CMD_URL\", \"query_url\": \"$QUERY_URL\", \"gateway\": \"${K6_BASE}\","
   echo "  \"busy_before_pct\": ${busy:-null},"
   echo "  \"k6_thresholds\": $([ "$BENCH_THRESHOLDS" = 0 ] && echo false || echo true),"

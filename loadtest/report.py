@@ -652,18 +652,17 @@ def render(d, env, scale, results):
         if env.get("selftest"):
             L.append("- **SELFTEST run: a static nginx played the stack; the figures say nothing about the service.**")
     if scale:
-        # With seeding skipped, SCALE is only make's default: the store is
-        # whatever an earlier run left, so say that instead of a request.
-        asked = ("not seeded (`SEED_MODE=skip`)" if (env or {}).get("seed_mode") == "skip"
-                 else "%s records requested" % fmt_num(scale.get("scale")))
-        L.append("- scale: %s; ~%s after the runs (watermark)" % (asked, fmt_num(scale.get("records_after"))))
+        # SCALE is what the seed aimed at, not what it did: the seed log's
+        # lines below say whether it seeded, skipped, or found enough there.
+        L.append("- scale: SCALE=%s; ~%s after the runs (watermark)" % (fmt_num(scale.get("scale")), fmt_num(scale.get("records_after"))))
     # What seeding did and how long the machine took to go quiet after it
     # (a pass right after a large seed otherwise measures its writeback).
     seed_log = os.path.join(d, "seed.log")
     if os.path.exists(seed_log):
         with open(seed_log, errors="replace") as f:
             for line in f:
-                m = re.search(r"(seeded \d+ records.*|quiet after the seed.*|the machine is not quiet.*)$", line.strip())
+                m = re.search(r"(seeded \d+ records.*|seeding skipped.*|store holds .*: no seeding|WARNING: .* well above SCALE.*"
+                              r"|quiet after the seed.*|the machine is not quiet.*)$", line.strip())
                 if m:
                     L.append("- " + m.group(1))
     L.append("- k6 and the services share the machine. *floor* = the same scenario at the same rate against a static nginx answer of the same size (loadtest/floor).")

@@ -193,14 +193,22 @@ class RunConditions(unittest.TestCase):
         env["scenarios"] = "read_id list"  # no soak in this run: nothing to say
         self.assertNotIn("soak ran without", report.render("/nonexistent", env, None, []))
 
-    def test_a_run_that_seeded_nothing_does_not_claim_a_requested_scale(self):
+    def test_a_run_that_seeded_nothing_says_so(self):
+        # The seed log, as bench.sh's seed_to writes it when it does not seed.
         scale = {"scale": 100000, "records_after": 12826998}
-        env = {"k6": "k6 v1.1.0", "seed_mode": "skip"}
-        out = report.render("/nonexistent", env, scale, [])
-        self.assertIn("scale: not seeded (`SEED_MODE=skip`); ~12,826,998 after the runs", out)
-        self.assertNotIn("records requested", out)
-        env["seed_mode"] = "topup"
-        self.assertIn("scale: 100,000 records requested", report.render("/nonexistent", env, scale, []))
+        env = {"k6": "k6 v1.1.0"}
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "seed.log"), "w") as f:
+                f.write("[bench 14:10:10] store holds ~12647001 records (watermark) >= 100000: no seeding\n"
+                        "[bench 14:10:10] WARNING: ~12647001 records is well above SCALE=100000; the figures are "
+                        "for ~12647001 records (reset the store to measure 100000)\n")
+            out = report.render(d, env, scale, [])
+            self.assertIn("- scale: SCALE=100,000; ~12,826,998 after the runs", out)
+            self.assertIn("- store holds ~12647001 records (watermark) >= 100000: no seeding", out)
+            self.assertIn("- WARNING: ~12647001 records is well above SCALE=100000", out)
+            with open(os.path.join(d, "seed.log"), "w") as f:
+                f.write("[bench 14:10:10] seeding skipped (SEED_MODE=skip)\n")
+            self.assertIn("- seeding skipped (SEED_MODE=skip)", report.render(d, env, scale, []))
 
     def test_the_report_says_when_the_kernel_pages_out_cold_memory(self):
         env = {"k6": "k6 v1.1.0", "damon_pageout": "pageout, at most 128 MiB per 1000 ms"}
