@@ -23,7 +23,7 @@
 #   BENCH_THRESHOLDS=1  0: k6 runs with --no-thresholds; report.py judges the same targets from
 #                       the summary either way. k6 1.1 re-sorts every sample so far of each
 #                       thresholded Trend every 2 s, a cost that grows with the run; measured
-#                       no gain from skipping it (README: "An eleventh run"), so it stays on
+#                       no gain from skipping it (loadtest/RUNS.md: "An eleventh run"), so it stays on
 #                       (not K6_THRESHOLDS: k6 reads K6_* variables as its own options)
 #   SOAK_THRESHOLDS=0   the same for the soak (and its floor soak), off by default: that cost
 #                       grows over the run whose growth the soak measures (loadtest/README)
@@ -235,7 +235,7 @@ dirty_mb() { awk '/^(Dirty|Writeback):/{kb += $2} END{printf "%d", kb / 1024}' /
 # measures the seed's aftermath, not the service. So: checkpoint now, then
 # wait for the dirty pages to drain and the cores to go idle, and write down
 # how long that took. (It cannot see a VM that reclaims page cache later,
-# under the run's own demand: run s15-cmp2 in the README.)
+# under the run's own demand: run s15-cmp2 in loadtest/RUNS.md.)
 quiet_machine() { # log file
   local logf="$1" t0 busy dirty calm=0 url
   [ "$QUIET_TIMEOUT" -gt 0 ] || return 0
