@@ -242,5 +242,68 @@ class CompareMedians(unittest.TestCase):
             self.assertIn("10.0 ms / 30.0 ms / 11.0 ms", md)
 
 
+    def compare_rounds(self, small, large):
+        with tempfile.TemporaryDirectory() as out:
+            dirs = {}
+            for scale, p99s in (("small", small), ("large", large)):
+                d = os.path.join(out, scale)
+                os.makedirs(d)
+                merged = report.merge_rounds([result("list", x) for x in p99s])
+                with open(os.path.join(d, "figures.json"), "w") as f:
+                    json.dump({"scale": {"scale": 1}, "rounds": len(p99s), "results": [merged]}, f)
+                dirs[scale] = d
+            with contextlib.redirect_stdout(io.StringIO()):
+                report.compare(dirs["small"], dirs["large"], out)
+            with open(os.path.join(out, "compare.json")) as f:
+                row = json.load(f)["rows"][0]
+            with open(os.path.join(out, "compare.md")) as f:
+                return row, f.read()
+
+    def test_rounds_all_more_than_ten_percent_worse_are_shown_so(self):
+        # every large round above 1.1 x every small round: the least likely split of 252
+        row, md = self.compare_rounds([10.0, 10.5, 9.8, 10.2, 9.9], [11.6, 12.0, 11.7, 12.5, 11.8])
+        self.assertEqual(row["rounds_share_over"], 1.0)
+        self.assertAlmostEqual(row["rounds_p"], 1 / 252)
+        self.assertFalse(row["pass"])
+        self.assertIn("1 of 1 figures are shown more than 10% worse (p ≤ 0.05): list GET /data.", md)
+        self.assertIn("| 100% | **0.004** |", md)
+
+    def test_a_median_that_fails_inside_the_rounds_spread_is_said_to_be(self):
+        # medians 5.23 and 8.79 (ratio 1.68, a fail), but the rounds overlap
+        # (session 26's reads by id at 3,000/s)
+        row, md = self.compare_rounds([21.6, 8.32, 3.70, 4.60, 5.23], [7.24, 22.6, 10.9, 6.16, 8.79])
+        self.assertFalse(row["pass"])
+        self.assertAlmostEqual(row["rounds_share_over"], 0.68)
+        self.assertAlmostEqual(row["rounds_p"], 53 / 252)
+        self.assertIn("0 of 1 figures are shown more than 10% worse (p ≤ 0.05).", md)
+        self.assertIn("Of the 1 that fail by their medians, 1 are within the rounds' spread", md)
+
+    def test_one_round_a_side_has_no_test(self):
+        row, md = self.compare_rounds([10.0], [20.0])
+        self.assertNotIn("rounds_p", row)
+        self.assertNotIn("Mann", md)
+
+
+class RankSum(unittest.TestCase):
+    def test_ties_split_their_ranks_and_equal_samples_show_nothing(self):
+        share, p = report.rank_sum_p([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+        self.assertEqual(share, 0.5)
+        self.assertEqual(p, 1.0)
+
+    def test_the_smaller_side_larger_is_not_evidence(self):
+        share, p = report.rank_sum_p([6.0, 7.0, 8.0], [1.0, 2.0, 3.0])
+        self.assertEqual(share, 0.0)
+        self.assertEqual(p, 1.0)
+
+    def test_three_rounds_a_side_can_reach_five_percent_at_best(self):
+        share, p = report.rank_sum_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+        self.assertEqual(share, 1.0)
+        self.assertAlmostEqual(p, 1 / 20)
+
+    def test_missing_rounds_are_left_out_and_too_few_give_none(self):
+        self.assertIsNone(report.rank_sum_p([1.0, None], [2.0, 3.0]))
+        self.assertIsNotNone(report.rank_sum_p([1.0, None, 1.5], [2.0, 3.0]))
+
+
 if __name__ == "__main__":
     unittest.main()
