@@ -860,14 +860,22 @@ def merge_rounds(by_round):
             m[k] = median([g.get(k) for g in same])
         m["count"] = sum(g.get("count") or 0 for g in same)
         m["p99_rounds"] = [g.get("p99") if g else None for g in aligned]
+        m["target_ok_rounds"] = [g.get("target_ok") if g else None for g in aligned]
         judge_figure(m)
         figs.append(m)
     base["figures"] = figs
+    base["verdict_rounds"] = [r.get("verdict") if r else None for r in by_round]
     base["rate_ok"] = all(r.get("rate_ok", True) for r in runs)
     if base["name"] != "soak":  # the soak keeps its last round's drift verdict
         base["verdict"] = verdict_of(base)
     base.pop("plot", None)
     return base
+
+
+def count_of(oks):
+    """"k of n" over the rounds that judged (None: not judged, or not run)."""
+    judged = [ok for ok in oks or [] if ok is not None]
+    return "%d of %d" % (sum(1 for ok in judged if ok), len(judged)) if judged else "–"
 
 
 def report_rounds(d, rounds, floor_dir=None, quiet=False):
@@ -888,16 +896,20 @@ def report_rounds(d, rounds, floor_dir=None, quiet=False):
     md = render(d, env, scale, results)
     n = len(rounds)
     L = ["", "## Rounds", "",
-         "The scenarios ran %d times, round-robin (bench.sh `ROUNDS=%d`); every figure above is the median over the rounds it ran in (batch: the last round only). p99 per round:" % (n, n),
-         "", "| scenario | figure | " + " | ".join("round %d" % (i + 1) for i in range(n)) + " | median | max/min |",
-         "|---|---|" + "---:|" * n + "---:|---:|"]
+         "The scenarios ran %d times, round-robin (bench.sh `ROUNDS=%d`); every figure above is the median over the rounds it ran in (batch: the last round only). "
+         "p99 per round; *p99 in target*: the rounds whose p99 met the figure's target; *verdict*: the rounds whose whole verdict passed "
+         "(target, ≥ 99%% of the rate, < 1%% errors; for mixed traffic the contract):" % (n, n),
+         "", "| scenario | figure | " + " | ".join("round %d" % (i + 1) for i in range(n)) + " | median | max/min | p99 in target | verdict |",
+         "|---|---|" + "---:|" * n + "---:|---:|---:|---:|"]
     for r in results:
-        for f in r["figures"]:
+        for i, f in enumerate(r["figures"]):
             ps = f.get("p99_rounds") or []
             good = [x for x in ps if x]
             spread = ("%.2f" % (max(good) / min(good))) if len(good) >= 2 else "–"
             cells = [fmt_ms(x) if x is not None else "–" for x in ps]
-            L.append("| %s | %s | %s | %s | %s |" % (r["name"], f["label"], " | ".join(cells), fmt_ms(f["p99"]), spread))
+            L.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+                r["name"], f["label"], " | ".join(cells), fmt_ms(f["p99"]), spread,
+                count_of(f.get("target_ok_rounds")), count_of(r.get("verdict_rounds")) if i == 0 else ""))
     L.append("")
     L.append("Each round's report, with plots and process figures: " + ", ".join(
         "[%s](%s/report.md)" % (os.path.basename(rd), os.path.basename(rd)) for rd in rounds) + ".")

@@ -53,6 +53,20 @@ class MergeRounds(unittest.TestCase):
         self.assertEqual(m["records_per_s"], 101000.0)
         self.assertTrue(m["verdict"])
 
+    def test_each_round_verdict_is_kept_for_counting(self):
+        rounds = []
+        for p99, rate_ok in ((40.0, True), (12.0, False), (14.0, True)):
+            r = result("write", p99, rate_ok=rate_ok)
+            report.judge_figure(r["figures"][0])
+            r["verdict"] = report.verdict_of(r)
+            rounds.append(r)
+        m = report.merge_rounds(rounds + [None])
+        self.assertEqual(m["figures"][0]["target_ok_rounds"], [False, True, True, None])
+        self.assertEqual(report.count_of(m["figures"][0]["target_ok_rounds"]), "2 of 3")
+        # the second round met the target in latency but not the rate
+        self.assertEqual(report.count_of(m["verdict_rounds"]), "1 of 3")
+        self.assertEqual(report.count_of([None, None]), "–")
+
     def test_errors_add_up_over_the_rounds(self):
         m = report.merge_rounds([result("list", 5.0, errors=5, error_rate=0.005),
                                  result("list", 5.0, errors=25, error_rate=0.025)])
