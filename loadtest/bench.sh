@@ -102,6 +102,8 @@ FLOOR_URL="http://127.0.0.1:$FLOOR_PORT"
 [ "$SOAK" = 1 ] && SCENARIOS="$SCENARIOS soak"
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+# log, and append the line to a file the report reads (the seed log).
+log_to() { local f="$1"; shift; log "$@" 2>&1 | tee -a "$f" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 # --------------------------------------------------------------- scenarios
@@ -256,11 +258,11 @@ quiet_machine() { # log file
       calm=0
     fi
     if [ $(($(date +%s) - t0)) -ge "$QUIET_TIMEOUT" ]; then
-      log "WARNING: the machine is not quiet after ${QUIET_TIMEOUT}s (dirty ${dirty} MB, ${busy}% busy); going on"
+      log_to "$logf" "WARNING: the machine is not quiet after ${QUIET_TIMEOUT}s (dirty ${dirty} MB, ${busy}% busy); going on"
       break
     fi
   done
-  log "quiet after the seed in $(($(date +%s) - t0)) s (dirty ${dirty} MB, ${busy}% busy)" 2>&1 | tee -a "$logf" >&2
+  log_to "$logf" "quiet after the seed in $(($(date +%s) - t0)) s (dirty ${dirty} MB, ${busy}% busy)"
 }
 
 SEED_BIN="${SEED_BIN:-target/release/projector}"
@@ -269,17 +271,17 @@ seed_to() { # target count, log file
   local want="$1" logf="$2" have need
   SEEDED=0
   case "$SEED_MODE" in
-    # Decisions not to seed go to the seed log too: the report reads it.
-    skip) log "seeding skipped (SEED_MODE=skip)" 2>&1 | tee -a "$logf" >&2; return 0 ;;
+    # Decisions not to seed go to the seed log too.
+    skip) log_to "$logf" "seeding skipped (SEED_MODE=skip)"; return 0 ;;
     add) need="$want" ;;
     topup)
       have="$(projection_seq)"
       have="${have:-0}"
       need=$((want - have))
       if [ "$need" -le 0 ]; then
-        log "store holds ~$have records (watermark) >= $want: no seeding" 2>&1 | tee -a "$logf" >&2
+        log_to "$logf" "store holds ~$have records (watermark) >= $want: no seeding"
         if [ "$have" -gt $((want * 3 / 2)) ]; then
-          log "WARNING: ~$have records is well above SCALE=$want; the figures are for ~$have records (reset the store to measure $want)" 2>&1 | tee -a "$logf" >&2
+          log_to "$logf" "WARNING: ~$have records is well above SCALE=$want; the figures are for ~$have records (reset the store to measure $want)"
         fi
         return 0
       fi

@@ -811,25 +811,16 @@ def rank_sum_p(xs, ys, limit=200_000):
     nx, ny = len(xs), len(ys)
     if nx < 2 or ny < 2 or math.comb(nx + ny, ny) > limit:
         return None
-    pooled = sorted(xs + ys)
     # midranks, so that ties split their ranks evenly
-    rank = {}
-    i = 0
-    while i < len(pooled):
-        j = i
-        while j + 1 < len(pooled) and pooled[j + 1] == pooled[i]:
-            j += 1
-        rank[pooled[i]] = (i + j) / 2 + 1
-        i = j + 1
-    ranks = [rank[v] for v in pooled]
+    places = defaultdict(list)
+    for i, v in enumerate(sorted(xs + ys), 1):
+        places[v].append(i)
+    rank = {v: sum(ps) / len(ps) for v, ps in places.items()}
+    ranks = [rank[v] for v in xs + ys]
     base = ny * (ny + 1) / 2
     u = sum(rank[y] for y in ys) - base
-    total = at_least = 0
-    for idx in itertools.combinations(range(len(ranks)), ny):
-        total += 1
-        if sum(ranks[k] for k in idx) - base >= u - 1e-9:
-            at_least += 1
-    return u / (nx * ny), at_least / total
+    at_least = sum(1 for idx in itertools.combinations(ranks, ny) if sum(idx) - base >= u - 1e-9)
+    return u / (nx * ny), at_least / math.comb(nx + ny, ny)
 
 
 # The level at which the rounds count as showing a figure more than 10% worse.
