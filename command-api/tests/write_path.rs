@@ -424,6 +424,20 @@ async fn the_sweep_publishes_whole_statements_and_the_previous_releases_outbox()
         "a row per statement"
     );
     assert_eq!(app.outbox_records().await, 757);
+    // The 300-record statement's row (2.4 KB of seqs) is past the size at
+    // which PostgreSQL would compress it with pglz by default.
+    let (large, compressed): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(pg_column_compression(seqs)) FROM outbox_statements \
+         WHERE cardinality(seqs) >= 300",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (large, compressed),
+        (1, 0),
+        "outbox rows are stored uncompressed"
+    );
 
     proxy.set_mode(ProxyMode::Pass);
     assert!(

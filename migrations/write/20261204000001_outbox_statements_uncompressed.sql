@@ -1,0 +1,11 @@
+-- A statement's outbox row names every seq it took: 8 KB for a batch of
+-- 1,000 records. Past 2 KB PostgreSQL compresses such a value before
+-- storing it out of line, with pglz by default, and pglz is slow: on the
+-- benchmark machine 3,000 rows of 1,000 seqs took 6.6-6.8 s to insert with
+-- it and 1.0-1.4 s without it, 1.8 ms of a backend's CPU per batch, about a
+-- tenth of what PostgreSQL spends on the batch in all (profiled: pglz_compress
+-- was the command-api connections' hottest function). The row lives for the
+-- few milliseconds until the relay has the broker's confirms, so what
+-- compression would save on disk is not worth that; stored out of line
+-- uncompressed, it costs what the TOAST chunks cost to write.
+ALTER TABLE outbox_statements ALTER COLUMN seqs SET STORAGE EXTERNAL;
