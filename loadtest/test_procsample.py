@@ -1,0 +1,57 @@
+"""Tests of procsample.py's sampling (`python3 -m unittest discover -s loadtest`,
+part of `make test`). The sampler reads this test's own process from /proc."""
+import os
+import sys
+import tempfile
+import unittest
+from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import procsample  # noqa: E402
+
+
+class PssEvery(unittest.TestCase):
+    def sample(self, samples, pss_every):
+        """Runs the sampler for `samples` samples; returns the pids whose PSS it read."""
+        reads = []
+        sleeps = []
+
+        def sleep(_):
+            sleeps.append(1)
+            if len(sleeps) > samples:
+                raise KeyboardInterrupt
+
+        def pss_of(pid):
+            reads.append(pid)
+            return 4096
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "procs.csv")
+            argv = ["procsample.py", out, "--interval", "0", "--pss-every", str(pss_every),
+                    "--names", procsample.proc_name(str(os.getpid()))]
+            with mock.patch.object(procsample.time, "sleep", sleep), \
+                    mock.patch.object(procsample, "pss_of", pss_of), \
+                    mock.patch.object(sys, "argv", argv):
+                with self.assertRaises(KeyboardInterrupt):
+                    procsample.main()
+            with open(out) as f:
+                rows = f.read().splitlines()
+        own = str(os.getpid())
+        return [p for p in reads if p == own], rows
+
+    def test_pss_is_read_every_nth_sample_and_repeated_in_between(self):
+        own, rows = self.sample(7, 3)
+        # samples 0, 3 and 6 of 0..6
+        self.assertEqual(len(own), 3)
+        mine = [r for r in rows[1:] if not r.split(",")[1].startswith("_")]
+        self.assertEqual(len(mine), 7)
+        for r in mine:
+            self.assertNotEqual(r.split(",")[5], "", r)
+
+    def test_every_sample_reads_pss_when_asked_to(self):
+        own, _ = self.sample(4, 1)
+        self.assertEqual(len(own), 4)
+
+
+if __name__ == "__main__":
+    unittest.main()
