@@ -939,7 +939,9 @@ def rounds_verdict(tested):
     shown = [r for r in tested if r["rounds_p"] <= SIGNIFICANCE]
     failed = [r for r in tested if not r["pass"]]
     within = [r for r in failed if r["rounds_p"] > SIGNIFICANCE]
-    ns, nl = n(tested[0].get("p99_rounds_small")), n(tested[0].get("p99_rounds_large"))
+    # Figures can have different round counts (a round that errored has no p99).
+    floor = min(1 / math.comb(n(r.get("p99_rounds_small")) + n(r.get("p99_rounds_large")),
+                              n(r.get("p99_rounds_large"))) for r in tested)
     s = ("Beyond the rounds' spread (an exact one-sided Mann–Whitney test of the large pass's p99 per round "
          "against 1.10 × the small pass's; *Rounds* below): %d of %d figures are shown more than 10%% worse "
          "(p ≤ %.2f)" % (len(shown), len(tested), SIGNIFICANCE))
@@ -949,7 +951,7 @@ def rounds_verdict(tested):
     if failed:
         s += (" Of the %d that fail by their medians, %d are within the rounds' spread: for those, these rounds "
               "cannot tell the two sizes apart." % (len(failed), len(within)))
-    s += " With %d and %d rounds the smallest p possible is %.3f." % (ns, nl, 1 / math.comb(ns + nl, nl))
+    s += " With these rounds the smallest p possible is %.3f." % floor
     return s
 
 

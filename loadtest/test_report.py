@@ -276,6 +276,15 @@ class CompareMedians(unittest.TestCase):
         self.assertIn("0 of 1 figures are shown more than 10% worse (p ≤ 0.05).", md)
         self.assertIn("Of the 1 that fail by their medians, 1 are within the rounds' spread", md)
 
+    def test_the_smallest_possible_p_comes_from_the_figure_with_the_most_rounds(self):
+        # a round that errored leaves one figure with fewer p99s than the others
+        few = {"scenario": "write", "figure": "POST /data", "pass": True, "rounds_p": 0.5,
+               "p99_rounds_small": [1.0, None, 2.0], "p99_rounds_large": [1.0, 2.0]}
+        many = dict(few, scenario="list", figure="GET /data",
+                    p99_rounds_small=[1.0] * 5, p99_rounds_large=[1.0] * 5)
+        for rows in ([few, many], [many, few]):
+            self.assertIn("the smallest p possible is 0.004.", report.rounds_verdict(rows))
+
     def test_one_round_a_side_has_no_test(self):
         row, md = self.compare_rounds([10.0], [20.0])
         self.assertNotIn("rounds_p", row)

@@ -304,9 +304,9 @@ fn build_chunk(first_seq: i64, n: u64, o: &Options, rng: &mut XorShift) -> (Vec<
 
 /// A version 7 id whose random bits are the record's seq: unique because
 /// seqs are (for any seq below 2^62; the variant takes the top two bits),
-/// and in seq order within a chunk, so the id indexes are appended to.
-/// `Uuid::now_v7` draws its random bits with a system call per id, a tenth
-/// of the generator's time in a profile of the seed.
+/// and in seq order within a chunk, so the id indexes are appended to
+/// (`Uuid::now_v7`'s random bits would scatter a chunk's ids within each
+/// millisecond).
 fn seeded_id(unix_millis: u64, seq: i64) -> Uuid {
     let mut bits = [0u8; 10];
     bits[2..].copy_from_slice(&(seq as u64).to_be_bytes());
