@@ -355,6 +355,14 @@ async fn records_the_broker_never_delivered_are_caught_up_from_the_write_log() {
         max_seq = max_seq.max(seq);
     }
     stack.wait_visible(max_seq, Duration::from_secs(15)).await;
+    // The watermark waited on these for CATCHUP_AFTER_MS (about 30 ticks):
+    // it read them from the write log once, not once a tick. (Each test is
+    // a process of its own under nextest, so the counter is this stack's.)
+    let scanned = projector::metrics::WATERMARK_SEQS_SCANNED.get();
+    assert!(
+        (30..60).contains(&scanned),
+        "the watermark read {scanned} seqs from the write log for 30 records"
+    );
     for id in ids {
         let res = stack.get(&format!("/data/{id}")).await;
         assert_eq!(res.status(), 200);

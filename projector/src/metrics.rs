@@ -37,6 +37,22 @@ pub static WRITE_LOG_HEAD: LazyLock<IntGauge> = LazyLock::new(|| {
     )
     .expect("metric")
 });
+pub static WATERMARK_SEQS_SCANNED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter_with_registry!(
+        "projector_watermark_seqs_scanned_total",
+        "Seqs the watermark read from the write log (each committed seq once while one replica leads)",
+        REGISTRY
+    )
+    .expect("metric")
+});
+pub static WATERMARK_SEQS_CHECKED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter_with_registry!(
+        "projector_watermark_seqs_checked_total",
+        "Read-model rows the watermark counted or read to find what is applied",
+        REGISTRY
+    )
+    .expect("metric")
+});
 pub static REAPPLIED_BATCHES: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter_with_registry!(
         "projector_reapplied_batches_total",

@@ -45,8 +45,11 @@ const LEADER_LOCK: i64 = 0x0063_7172_732d_776d;
 /// Ticks while nothing seems to happen: writes by other processes (another
 /// command-api replica's commit wakes no one here) are found this fast.
 const IDLE_POLL: Duration = Duration::from_millis(20);
-/// Seqs compared per round when the watermark has a long way to go.
+/// Committed seqs held from the write log, and the most the read model is
+/// asked about at once, when the watermark has a long way to go.
 const CHUNK: i64 = 10_000;
+/// The least the read model is asked about while the projector is behind.
+const MIN_WINDOW: usize = 1_024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatermarkError {
@@ -97,6 +100,12 @@ struct Tracker {
     watermark: i64,
     /// `(L, transactions in progress when L was read)`, in increasing `L`.
     pending: VecDeque<(i64, Vec<u64>)>,
+    /// The write log has been read up to here (never below `watermark`).
+    scanned: i64,
+    /// The committed seqs in `(watermark, scanned]`, in increasing order.
+    committed: VecDeque<i64>,
+    /// How many of `committed` the read model is asked about next.
+    window: usize,
     /// The first missing seq and since when it has been missing.
     missing_since: Option<(i64, Instant)>,
     /// What Redis last confirmed, and when it was last told.
@@ -120,6 +129,9 @@ impl Tracker {
             catchup_after: settings.catchup_after,
             interval: settings.watermark_interval,
             watermark: 0,
+            scanned: 0,
+            committed: VecDeque::new(),
+            window: CHUNK as usize,
             pending: VecDeque::new(),
             missing_since: None,
             announcer: Arc::new(Announcer {
@@ -138,6 +150,7 @@ impl Tracker {
         self.watermark = sqlx::query_scalar("SELECT watermark FROM projection_state")
             .fetch_one(&self.applier.read_pool)
             .await?;
+        self.scanned = self.watermark;
         self.publish().await?;
         let mut lock_checked = Instant::now();
         while !shutdown.is_triggered() {
@@ -253,34 +266,31 @@ impl Tracker {
 
     /// Moves the watermark as far towards `settled` as the read model allows,
     /// catching up from the write log what has been missing too long.
+    ///
+    /// While the projector is behind, this runs every tick with the same
+    /// first missing seq. So each committed seq is read from the write log
+    /// once (the set below `settled` is final) and kept until the read model
+    /// is seen to hold it; and the read model is asked about a window that
+    /// follows how far the last look got, not a whole chunk each time.
     async fn advance(&mut self, settled: i64) -> Result<(), WatermarkError> {
         loop {
-            let w = self.watermark;
-            let committed: Vec<i64> = sqlx::query_scalar(
-                "SELECT seq FROM records WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
-            )
-            .bind(w)
-            .bind(settled)
-            .bind(CHUNK)
-            .fetch_all(&self.write)
-            .await?;
-            let upper = if committed.len() as i64 == CHUNK {
-                *committed.last().expect("non-empty chunk")
-            } else {
-                settled
-            };
-            if committed.is_empty() {
-                self.watermark = settled;
+            self.scan_write_log(settled).await?;
+            if self.committed.is_empty() {
+                self.watermark = self.scanned;
                 self.missing_since = None;
                 return Ok(());
             }
+            let w = self.watermark;
+            let n = self.window.min(self.committed.len());
+            let upper = self.committed[n - 1];
             let applied: i64 =
                 sqlx::query_scalar("SELECT count(*) FROM records WHERE seq > $1 AND seq <= $2")
                     .bind(w)
                     .bind(upper)
                     .fetch_one(&self.applier.read_pool)
                     .await?;
-            if applied as usize != committed.len() {
+            metrics::WATERMARK_SEQS_CHECKED.inc_by(applied.max(0) as u64);
+            if applied as usize != n {
                 let present: HashSet<i64> = sqlx::query_scalar::<_, i64>(
                     "SELECT seq FROM records WHERE seq > $1 AND seq <= $2",
                 )
@@ -290,13 +300,19 @@ impl Tracker {
                 .await?
                 .into_iter()
                 .collect();
-                let missing: Vec<i64> = committed
+                metrics::WATERMARK_SEQS_CHECKED.inc_by(present.len() as u64);
+                let missing: Vec<i64> = self
+                    .committed
                     .iter()
+                    .take(n)
                     .copied()
                     .filter(|s| !present.contains(s))
                     .collect();
                 if let Some(&first) = missing.first() {
-                    self.watermark = self.watermark.max(first - 1);
+                    let held = self.committed.iter().take_while(|s| **s < first).count();
+                    self.committed.drain(..held);
+                    self.watermark = first - 1;
+                    self.window = (2 * held).clamp(MIN_WINDOW, CHUNK as usize);
                     match self.missing_since {
                         Some((s, since)) if s == first && since.elapsed() >= self.catchup_after => {
                             let records =
@@ -321,7 +337,7 @@ impl Tracker {
                 // log does not (only a seed of an earlier release that died
                 // between its two commits leaves those). Counting again would
                 // never match then, and this loop would spin.
-                let extra = present.len() - committed.len();
+                let extra = present.len().saturating_sub(n);
                 if extra > 0 {
                     tracing::warn!(
                         extra,
@@ -331,12 +347,35 @@ impl Tracker {
                     );
                 }
             }
+            self.committed.drain(..n);
             self.watermark = upper;
             self.missing_since = None;
-            if upper == settled {
-                return Ok(());
-            }
+            self.window = (2 * self.window).min(CHUNK as usize);
         }
+    }
+
+    /// Reads the committed seqs in `(scanned, settled]` from the write log,
+    /// at most `CHUNK` held at a time. They are final: `settled` is past
+    /// every transaction that could still commit one.
+    async fn scan_write_log(&mut self, settled: i64) -> Result<(), WatermarkError> {
+        while self.scanned < settled && self.committed.len() < CHUNK as usize {
+            let room = CHUNK - self.committed.len() as i64;
+            let seqs: Vec<i64> = sqlx::query_scalar(
+                "SELECT seq FROM records WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+            )
+            .bind(self.scanned)
+            .bind(settled)
+            .bind(room)
+            .fetch_all(&self.write)
+            .await?;
+            metrics::WATERMARK_SEQS_SCANNED.inc_by(seqs.len() as u64);
+            self.scanned = match seqs.last() {
+                Some(&last) if seqs.len() as i64 == room => last,
+                _ => settled,
+            };
+            self.committed.extend(seqs);
+        }
+        Ok(())
     }
 
     /// Read model first (replicas that show W also show every record up to
