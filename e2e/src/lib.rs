@@ -31,7 +31,8 @@ pub enum Projector {
         actix_web::dev::ServerHandle,
         tokio::task::JoinHandle<anyhow::Result<()>>,
     ),
-    Process(tokio::process::Child),
+    /// The child and the port of its HTTP server (`/metrics`).
+    Process(tokio::process::Child, u16),
 }
 
 impl Stack {
@@ -96,7 +97,8 @@ impl Stack {
 
     pub async fn start_projector(&mut self, as_process: bool) {
         let p = if as_process {
-            Projector::Process(self.spawn_projector_process())
+            let port = free_port();
+            Projector::Process(self.spawn_projector_process(port), port)
         } else {
             let p = projector::Projector::build(self.settings.clone())
                 .await
@@ -110,7 +112,7 @@ impl Stack {
     /// SIGKILL for a process projector; an abrupt stop for an in-process one.
     pub async fn kill_projector(&mut self) {
         match self.projector.take() {
-            Some(Projector::Process(mut child)) => {
+            Some(Projector::Process(mut child, _)) => {
                 child.start_kill().expect("SIGKILL");
                 let _ = child.wait().await;
             }
@@ -122,10 +124,31 @@ impl Stack {
         }
     }
 
-    fn spawn_projector_process(&self) -> tokio::process::Child {
-        service_process("projector", &self.settings, 0)
+    fn spawn_projector_process(&self, port: u16) -> tokio::process::Child {
+        service_process("projector", &self.settings, port)
             .spawn()
             .expect("start the projector binary (cargo build --workspace --bins first)")
+    }
+
+    /// A counter or gauge of a process projector's `/metrics`: its own, where
+    /// an in-process one shares the test process's registry with any other
+    /// stack the test runner runs beside it.
+    pub async fn projector_metric(&self, name: &str) -> f64 {
+        let Some(Projector::Process(_, port)) = &self.projector else {
+            panic!("projector_metric needs a process projector (Stack::start_with(_, true))");
+        };
+        let text = self
+            .http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .expect("projector /metrics")
+            .text()
+            .await
+            .expect("projector /metrics body");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the projector's /metrics"))
     }
 
     pub async fn post(&self, body: &Value) -> Value {
@@ -246,6 +269,15 @@ pub fn service_process(name: &str, s: &Settings, port: u16) -> tokio::process::C
         .stdin(Stdio::null())
         .kill_on_drop(true);
     cmd
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A workspace binary next to the test executable (target/<profile>/).

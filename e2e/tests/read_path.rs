@@ -337,7 +337,8 @@ async fn a_read_model_row_the_write_log_lacks_does_not_stop_the_watermark() {
 
 #[tokio::test]
 async fn records_the_broker_never_delivered_are_caught_up_from_the_write_log() {
-    let stack = Stack::start().await;
+    // A process projector, so that its counters are this stack's alone.
+    let stack = Stack::start_with(Stack::settings().await, true).await;
     // Committed without an outbox row: no message will ever carry them.
     let mut ids = Vec::new();
     let mut max_seq = 0;
@@ -356,11 +357,12 @@ async fn records_the_broker_never_delivered_are_caught_up_from_the_write_log() {
     }
     stack.wait_visible(max_seq, Duration::from_secs(15)).await;
     // The watermark waited on these for CATCHUP_AFTER_MS (about 30 ticks):
-    // it read them from the write log once, not once a tick. (Each test is
-    // a process of its own under nextest, so the counter is this stack's.)
-    let scanned = projector::metrics::WATERMARK_SEQS_SCANNED.get();
+    // it read them from the write log once, not once a tick.
+    let scanned = stack
+        .projector_metric("projector_watermark_seqs_scanned_total")
+        .await;
     assert!(
-        (30..60).contains(&scanned),
+        (30.0..60.0).contains(&scanned),
         "the watermark read {scanned} seqs from the write log for 30 records"
     );
     for id in ids {

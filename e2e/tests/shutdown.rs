@@ -4,16 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::Stack;
+use e2e::{free_port, Stack};
 use serde_json::json;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spawn(name: &str, s: &shared::Settings, port: u16) -> tokio::process::Child {
     e2e::service_process(name, s, port)

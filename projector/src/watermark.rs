@@ -47,7 +47,7 @@ const LEADER_LOCK: i64 = 0x0063_7172_732d_776d;
 const IDLE_POLL: Duration = Duration::from_millis(20);
 /// Committed seqs held from the write log, and the most the read model is
 /// asked about at once, when the watermark has a long way to go.
-const CHUNK: i64 = 10_000;
+const CHUNK: usize = 10_000;
 /// The least the read model is asked about while the projector is behind.
 const MIN_WINDOW: usize = 1_024;
 
@@ -131,7 +131,7 @@ impl Tracker {
             watermark: 0,
             scanned: 0,
             committed: VecDeque::new(),
-            window: CHUNK as usize,
+            window: CHUNK,
             pending: VecDeque::new(),
             missing_since: None,
             announcer: Arc::new(Announcer {
@@ -312,7 +312,7 @@ impl Tracker {
                     let held = self.committed.iter().take_while(|s| **s < first).count();
                     self.committed.drain(..held);
                     self.watermark = first - 1;
-                    self.window = (2 * held).clamp(MIN_WINDOW, CHUNK as usize);
+                    self.window = (2 * held).clamp(MIN_WINDOW, CHUNK);
                     match self.missing_since {
                         Some((s, since)) if s == first && since.elapsed() >= self.catchup_after => {
                             let records =
@@ -350,7 +350,7 @@ impl Tracker {
             self.committed.drain(..n);
             self.watermark = upper;
             self.missing_since = None;
-            self.window = (2 * self.window).min(CHUNK as usize);
+            self.window = (2 * self.window).min(CHUNK);
         }
     }
 
@@ -358,19 +358,19 @@ impl Tracker {
     /// at most `CHUNK` held at a time. They are final: `settled` is past
     /// every transaction that could still commit one.
     async fn scan_write_log(&mut self, settled: i64) -> Result<(), WatermarkError> {
-        while self.scanned < settled && self.committed.len() < CHUNK as usize {
-            let room = CHUNK - self.committed.len() as i64;
+        while self.scanned < settled && self.committed.len() < CHUNK {
+            let room = CHUNK - self.committed.len();
             let seqs: Vec<i64> = sqlx::query_scalar(
                 "SELECT seq FROM records WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
             )
             .bind(self.scanned)
             .bind(settled)
-            .bind(room)
+            .bind(room as i64)
             .fetch_all(&self.write)
             .await?;
             metrics::WATERMARK_SEQS_SCANNED.inc_by(seqs.len() as u64);
             self.scanned = match seqs.last() {
-                Some(&last) if seqs.len() as i64 == room => last,
+                Some(&last) if seqs.len() == room => last,
                 _ => settled,
             };
             self.committed.extend(seqs);
