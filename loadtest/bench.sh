@@ -305,6 +305,13 @@ fetch_ids() {
   QUERY_URL="$QUERY_URL" ID_POOL="${ID_POOL:-20000}" TOKEN="${TOKEN:-}" python3 "$HERE/idpool.py" "$1"
 }
 
+# The write log server's settings, for the report: wal_buffers alone moved
+# the seed by a fifth (loadtest/RUNS.md, "A nineteenth run").
+pg_settings() {
+  [ -n "${DATABASE_URL:-}" ] || return 0
+  timeout 10 psql "$DATABASE_URL" -XAt -c "SELECT string_agg(name || '=' || current_setting(name), ', ' ORDER BY name) FROM pg_settings WHERE name IN ('shared_buffers', 'wal_buffers', 'max_wal_size', 'synchronous_commit', 'autovacuum')" 2>/dev/null | sed 's/"//g'
+}
+
 # Some VMs' kernels page out cold memory on their own (DAMON's pageout
 # scheme), evicting the databases' page cache between reads: said in the
 # report, since it moves the figures at scale more than the service does.
@@ -465,6 +472,7 @@ log "results in $OUT"
   echo "  \"k6_thresholds\": $([ "$BENCH_THRESHOLDS" = 0 ] && echo false || echo true),"
   echo "  \"k6_soak_thresholds\": $([ "$SOAK_THRESHOLDS" = 0 ] && echo false || echo true),"
   echo "  \"damon_pageout\": \"$(damon_pageout)\","
+  echo "  \"postgres\": \"$(pg_settings)\","
   echo "  \"k6_gogc\": \"$BENCH_GOGC\", \"k6_gomemlimit\": \"$BENCH_GOMEMLIMIT\","
   echo "  \"selftest\": $BENCH_SELFTEST"
   echo "}"

@@ -650,6 +650,8 @@ def render(d, env, scale, results):
         if env.get("damon_pageout"):
             L.append("- the kernel's DAMON pages out cold memory (`%s`) during the runs: the databases' page cache is evicted between reads, "
                      "so figures at scale include reads from disk; its CPU is the `kernel-reclaim` row" % env["damon_pageout"])
+        if env.get("postgres"):
+            L.append("- the write log's PostgreSQL: %s" % env["postgres"])
         if env.get("selftest"):
             L.append("- **SELFTEST run: a static nginx played the stack; the figures say nothing about the service.**")
     if scale:

@@ -103,6 +103,15 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
     if o.count == 0 {
         return Ok(());
     }
+    for (pool, database) in [(&write, "write log"), (&read, "read model")] {
+        let wal_buffers: i64 =
+            sqlx::query_scalar("SELECT pg_size_bytes(current_setting('wal_buffers'))")
+                .fetch_one(pool)
+                .await?;
+        if let Some(advice) = wal_buffers_advice(wal_buffers) {
+            tracing::warn!(database, "{advice}");
+        }
+    }
     let deferred = match o.defer_indexes {
         Defer::Yes => true,
         Defer::No => false,
@@ -157,6 +166,24 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// The COPY's backends fill PostgreSQL's WAL buffers faster than the WAL
+/// writer empties them, and then write the WAL themselves, one at a time
+/// under its lock: with 4 MB (the default beside 128 MB of shared buffers)
+/// they waited there most of the time, and 5 M records loaded at 65-78
+/// thousand/s; with 16 MB at 81-83 thousand, with 64 MB or more at 87-93
+/// thousand (loadtest/RUNS.md, "A nineteenth run"). The setting needs a
+/// restart, so the seed can only say so.
+fn wal_buffers_advice(bytes: i64) -> Option<String> {
+    const ADVISED: i64 = 64 << 20;
+    (bytes < ADVISED).then(|| {
+        format!(
+            "wal_buffers is {} kB: the COPY will wait on WAL writes; \
+             wal_buffers = '64MB' (and a restart) loaded a fifth more records/s here",
+            bytes >> 10
+        )
+    })
 }
 
 /// Reserves `n` seqs and copies that many records into both databases;
@@ -381,6 +408,15 @@ mod tests {
         }
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
         assert_eq!(ids[3].as_bytes()[8..], [0x80, 0, 0, 0, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn wal_buffers_below_64_mib_are_named_in_the_advice() {
+        let advice = wal_buffers_advice(4 << 20).expect("4 MB is advised against");
+        assert!(advice.contains("4096 kB"), "{advice}");
+        assert!(wal_buffers_advice((64 << 20) - 8192).is_some());
+        assert_eq!(wal_buffers_advice(64 << 20), None);
+        assert_eq!(wal_buffers_advice(256 << 20), None);
     }
 
     #[test]
