@@ -232,7 +232,7 @@ class RunConditions(unittest.TestCase):
         self.assertNotIn("DAMON", report.render("/nonexistent", env, None, []))
 
     def test_the_report_names_the_write_logs_server_settings(self):
-        # wal_buffers alone moved the seed by a quarter (RUNS.md): a figure
+        # wal_buffers alone moved the seed by a fifth (RUNS.md): a figure
         # without the settings it ran under cannot be compared with another.
         env = {"k6": "k6 v1.1.0", "postgres": "shared_buffers=128MB, wal_buffers=4MB"}
         self.assertIn("- the write log's PostgreSQL: shared_buffers=128MB, wal_buffers=4MB",

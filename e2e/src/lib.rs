@@ -146,9 +146,7 @@ impl Stack {
             .text()
             .await
             .expect("projector /metrics body");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in the projector's /metrics"))
+        metric_value(&text, name).unwrap_or_else(|| panic!("no {name} in the projector's /metrics"))
     }
 
     pub async fn post(&self, body: &Value) -> Value {
@@ -269,6 +267,14 @@ pub fn service_process(name: &str, s: &Settings, port: u16) -> tokio::process::C
         .stdin(Stdio::null())
         .kill_on_drop(true);
     cmd
+}
+
+/// The value of one series in a Prometheus text exposition, named as it is
+/// printed, labels and all (`query_replica_reads_total{op="get"}`); `None`
+/// until it has been recorded.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// A port nothing listens on right now.

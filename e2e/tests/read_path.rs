@@ -483,12 +483,9 @@ async fn concurrent_misses_for_one_id_read_the_database_once() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stack.flush_redis().await;
+    // Absent until the first read of the process.
     let reads = |m: &str| {
-        m.lines()
-            .find(|l| l.starts_with("query_replica_reads_total{op=\"get\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+        e2e::metric_value(m, "query_replica_reads_total{op=\"get\"}").unwrap_or(0.0) as u64
     };
     let before = reads(&stack.get("/metrics").await.text().await.unwrap());
     let answers = futures_util::future::join_all((0..40).map(|_| stack.get(&url))).await;
