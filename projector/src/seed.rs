@@ -23,6 +23,7 @@ use std::{fmt::Write as _, time::Instant};
 
 use anyhow::{bail, Context};
 use futures_util::{StreamExt, TryStreamExt};
+use rand::{rngs::SmallRng, RngCore, SeedableRng};
 use serde_json::value::RawValue;
 use shared::{
     db,
@@ -228,7 +229,7 @@ async fn seed_part(
     let (tx, rx) = tokio::sync::mpsc::channel::<(Vec<u8>, Vec<u8>)>(streams);
     let o = o.clone();
     let generator = tokio::task::spawn_blocking(move || {
-        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ first as u64);
+        let mut rng = SmallRng::seed_from_u64(first as u64);
         let mut done = 0u64;
         while done < n {
             let c = o.chunk.min(n - done);
@@ -286,7 +287,7 @@ async fn copy(conn: &mut sqlx::PgConnection, stmt: &str, data: Vec<u8>) -> anyho
 /// One chunk as binary COPY for both tables. The read model's document is
 /// the record serialised by `Record` itself, as the projector writes it, so
 /// a seeded record reads back exactly like one that came through the bus.
-fn build_chunk(first_seq: i64, n: u64, o: &Options, rng: &mut XorShift) -> (Vec<u8>, Vec<u8>) {
+fn build_chunk(first_seq: i64, n: u64, o: &Options, rng: &mut SmallRng) -> (Vec<u8>, Vec<u8>) {
     let avg = (o.payload_min + o.payload_max) / 2;
     let mut w = BinaryCopy::with_capacity(n as usize * (avg + 120));
     let mut r = BinaryCopy::with_capacity(n as usize * (avg + 220));
@@ -296,9 +297,9 @@ fn build_chunk(first_seq: i64, n: u64, o: &Options, rng: &mut XorShift) -> (Vec<
     let kinds: Vec<String> = (0..o.kinds).map(|k| format!("kind{k}")).collect();
     for i in 0..n {
         let seq = first_seq + i as i64;
-        let kind = kinds[(rng.next() % o.kinds as u64) as usize].clone();
-        let key = format!("key-{}", rng.next() % 100_000);
-        let size = o.payload_min + (rng.next() as usize % (o.payload_max - o.payload_min + 1));
+        let kind = kinds[(rng.next_u64() % o.kinds as u64) as usize].clone();
+        let key = format!("key-{}", rng.next_u64() % 100_000);
+        let size = o.payload_min + (rng.next_u64() as usize % (o.payload_max - o.payload_min + 1));
         let payload = RawValue::from_string(payload_of(seq, size, rng))
             .expect("the generated payload is JSON");
         let record = Record {
@@ -342,18 +343,18 @@ fn seeded_id(unix_millis: u64, seq: i64) -> Uuid {
 
 /// A JSON object of exactly `size` bytes (or its head, if larger). The filler
 /// takes ten characters from each random number, six bits each.
-fn payload_of(seq: i64, size: usize, rng: &mut XorShift) -> String {
+fn payload_of(seq: i64, size: usize, rng: &mut SmallRng) -> String {
     let mut out = String::with_capacity(size);
     let _ = write!(
         out,
         r#"{{"n":{seq},"amount":{},"note":""#,
-        rng.next() % 1_000_000
+        rng.next_u64() % 1_000_000
     );
     // 64 characters that need no escaping in a JSON string.
     const ALPHABET: &[u8; 64] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_";
     let mut left = size.saturating_sub(out.len() + 2);
     while left > 0 {
-        let mut x = rng.next();
+        let mut x = rng.next_u64();
         for _ in 0..left.min(10) {
             out.push(ALPHABET[(x & 63) as usize] as char);
             x >>= 6;
@@ -362,17 +363,6 @@ fn payload_of(seq: i64, size: usize, rng: &mut XorShift) -> String {
     }
     out.push_str("\"}");
     out
-}
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[cfg(test)]
@@ -421,7 +411,7 @@ mod tests {
 
     #[test]
     fn a_payload_is_a_json_object_of_the_size_asked() {
-        let mut rng = XorShift(7);
+        let mut rng = SmallRng::seed_from_u64(7);
         for size in [40, 41, 100, 513] {
             let out = payload_of(12, size, &mut rng);
             assert_eq!(out.len(), size);
