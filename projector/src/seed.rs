@@ -23,7 +23,7 @@ use std::{fmt::Write as _, time::Instant};
 
 use anyhow::{bail, Context};
 use futures_util::{StreamExt, TryStreamExt};
-use rand::{rngs::SmallRng, RngCore, SeedableRng};
+use rand::{rngs::SmallRng, Rng, RngCore, SeedableRng};
 use serde_json::value::RawValue;
 use shared::{
     db,
@@ -297,9 +297,9 @@ fn build_chunk(first_seq: i64, n: u64, o: &Options, rng: &mut SmallRng) -> (Vec<
     let kinds: Vec<String> = (0..o.kinds).map(|k| format!("kind{k}")).collect();
     for i in 0..n {
         let seq = first_seq + i as i64;
-        let kind = kinds[(rng.next_u64() % o.kinds as u64) as usize].clone();
-        let key = format!("key-{}", rng.next_u64() % 100_000);
-        let size = o.payload_min + (rng.next_u64() as usize % (o.payload_max - o.payload_min + 1));
+        let kind = kinds[rng.random_range(0..kinds.len())].clone();
+        let key = format!("key-{}", rng.random_range(0..100_000u32));
+        let size = rng.random_range(o.payload_min..=o.payload_max);
         let payload = RawValue::from_string(payload_of(seq, size, rng))
             .expect("the generated payload is JSON");
         let record = Record {
@@ -348,7 +348,7 @@ fn payload_of(seq: i64, size: usize, rng: &mut SmallRng) -> String {
     let _ = write!(
         out,
         r#"{{"n":{seq},"amount":{},"note":""#,
-        rng.next_u64() % 1_000_000
+        rng.random_range(0..1_000_000u32)
     );
     // 64 characters that need no escaping in a JSON string.
     const ALPHABET: &[u8; 64] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_";
