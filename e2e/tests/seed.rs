@@ -248,16 +248,19 @@ async fn the_watermark_does_not_pass_a_seed_still_being_copied() {
     stack.stop().await;
 }
 
-/// Killed between chunks, or between a chunk's two commits: the write log
-/// may hold records the read model lacks (the projector catches them up),
-/// never the other way round, and the watermark moves on past the seqs that
-/// were never written.
+/// Killed between parts, in the middle of one, or between a part's commits:
+/// the write log may hold records the read model lacks (the projector
+/// catches them up), never the other way round, and the watermark moves on
+/// past the seqs that were never written. (When a killed seed's chunks
+/// committed one by one, a chunk whose data had all been sent could commit
+/// after the watermark had passed its seqs, and stayed missing from the read
+/// model.)
 #[tokio::test]
 async fn a_seed_killed_half_way_is_healed_by_the_projector() {
     let stack = Stack::start().await;
     let count = 500_000;
     let mut child = seed_command(&stack, &["--count", &count.to_string(), "--chunk", "2000"])
-        .args(["--defer-indexes", "no"])
+        .args(["--part", "20000", "--defer-indexes", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -276,7 +279,7 @@ async fn a_seed_killed_half_way_is_healed_by_the_projector() {
         .wait_visible(after["seq"].as_i64().unwrap(), Duration::from_secs(30))
         .await;
     let (write, read) = (sums(&stack.write_db).await, sums(&stack.read_db).await);
-    // A chunk whose data had all been sent still commits after the kill.
+    // A part whose commit had been sent still commits after the kill.
     assert!(
         write.0 - 1 < count,
         "the seed finished before it was killed"

@@ -5,13 +5,13 @@
 //! a time into each database. The seq range is reserved up front under a
 //! lock that live writers respect, so seeding can run beside traffic; P
 //! records at a time (default 1 M), each part reserved when the last one is
-//! in. A transaction older than a part's reservation stays open until every
-//! chunk of it is in both databases, so the running projector's watermark
-//! cannot pass the part before then; it then verifies it and advances over
-//! it, and over live writes made meanwhile. A
-//! chunk commits in the read model only after the write log: a seed that
-//! dies leaves records the projector catches up from the write log, never
-//! records the write log does not have. The cache is left cold (it fills on
+//! in. A part is written by S transactions per database that took their
+//! ids before its reservation and commit once every chunk of it is in, so
+//! the running projector's watermark cannot pass the part before then; it
+//! then verifies it and advances over it, and over live writes made
+//! meanwhile. A part commits in the read model only after the write log: a
+//! seed that dies leaves records the projector catches up from the write
+//! log, never records the write log does not have. The cache is left cold (it fills on
 //! reads), and nothing stale can be in it because records are immutable.
 //!
 //! With deferred indexes (by default when the seed at least doubles the read
@@ -22,7 +22,6 @@
 use std::{fmt::Write as _, time::Instant};
 
 use anyhow::{bail, Context};
-use futures_util::{StreamExt, TryStreamExt};
 use rand::{rngs::SmallRng, Rng, RngCore, SeedableRng};
 use serde_json::value::RawValue;
 use shared::{
@@ -43,7 +42,7 @@ pub struct Options {
     pub chunk: u64,
     /// Chunks copied at once into each database.
     pub streams: usize,
-    /// Records reserved and guarded at a time (see `seed_part`).
+    /// Records reserved and committed at a time (see `seed_part`).
     pub part: u64,
     pub defer_indexes: Defer,
 }
@@ -189,6 +188,18 @@ fn wal_buffers_advice(bytes: i64) -> Option<String> {
 
 /// Reserves `n` seqs and copies that many records into both databases;
 /// returns the first seq.
+///
+/// The range's seqs are drawn in one transaction and its records written in
+/// others, so the watermark's rule (a writer takes its transaction id before
+/// its seq) has to be kept by hand: each of the `streams` write-log
+/// transactions that will hold the part's records takes its id before the
+/// range is reserved, and the part commits in them, once all its chunks are
+/// in. The watermark waits for those ids like any writer's. (A guard
+/// transaction held beside per-chunk commits did not: a killed seed's guard
+/// ended at once while a chunk whose data had all been sent could still
+/// commit, after the watermark had passed its seqs.) A part at a time, so
+/// that live writes made meanwhile become visible when it ends, not when the
+/// whole seed does.
 async fn seed_part(
     write: &sqlx::PgPool,
     read: &sqlx::PgPool,
@@ -196,19 +207,14 @@ async fn seed_part(
     n: u64,
 ) -> anyhow::Result<i64> {
     let streams = o.streams;
-    // The range's seqs are drawn here, but its records are written by later
-    // transactions, so the watermark's rule (a writer takes its transaction
-    // id before its seq) does not hold it back by itself: without this, it
-    // passed seqs whose chunks were still being copied, and records then
-    // appeared below it (seen: W at the range's end with 1.0 of 1.8 M
-    // records written). This id is older than any the watermark draws after
-    // the range is reserved, and it stays open until the part's last chunk is
-    // in. A part at a time, so that live writes made meanwhile become visible
-    // when it ends, not when the whole seed does.
-    let mut guard = write.begin().await?;
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut *guard)
-        .await?;
+    let mut lanes = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let mut w = write.begin().await?;
+        sqlx::query("SELECT pg_current_xact_id()")
+            .execute(&mut *w)
+            .await?;
+        lanes.push((w, read.begin().await?));
+    }
     let mut tx = write.begin().await?;
     // INSERTs take ROW EXCLUSIVE before they draw a seq; this lock waits for
     // them and holds new ones back while the range is reserved.
@@ -225,55 +231,59 @@ async fn seed_part(
     tx.commit().await?;
 
     // Records are generated on a blocking thread while earlier chunks are
-    // being copied, `streams` chunks at a time into each database.
-    let (tx, rx) = tokio::sync::mpsc::channel::<(Vec<u8>, Vec<u8>)>(streams);
+    // being copied, dealt in turn to the streams, each of which copies its
+    // chunks into both databases side by side.
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..streams)
+        .map(|_| tokio::sync::mpsc::channel::<(Vec<u8>, Vec<u8>)>(1))
+        .unzip();
     let o = o.clone();
     let generator = tokio::task::spawn_blocking(move || {
         let mut rng = SmallRng::seed_from_u64(first as u64);
         let mut done = 0u64;
-        while done < n {
+        for lane in senders.iter().cycle() {
+            if done >= n {
+                break;
+            }
             let c = o.chunk.min(n - done);
             let chunk = build_chunk(first + done as i64, c, &o, &mut rng);
-            if tx.blocking_send(chunk).is_err() {
+            if lane.blocking_send(chunk).is_err() {
                 break; // a copy failed; its error is reported below
             }
             done += c;
         }
     });
-    let copied = {
-        let mut rx = rx;
-        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
-    }
-    .map(|(w, r)| {
-        let (write, read) = (write.clone(), read.clone());
-        async move {
-            let mut wc = write.acquire().await?;
-            // Copied side by side, but the read model's part commits only
-            // once the write log's has.
-            let mut rtx = read.begin().await?;
-            let (a, b) = tokio::join!(
-                copy(
-                    &mut wc,
-                    "COPY records (seq, id, kind, key, payload, created_at) FROM STDIN (FORMAT binary)",
-                    w
-                ),
-                copy(
-                    &mut rtx,
-                    "COPY records (seq, id, kind, key, doc) FROM STDIN (FORMAT binary)",
-                    r
-                ),
-            );
-            a.and(b)?;
-            rtx.commit().await?;
-            anyhow::Ok(())
-        }
-    })
-    .buffer_unordered(streams)
-    .try_collect::<Vec<()>>()
+    let copied = futures_util::future::try_join_all(lanes.into_iter().zip(receivers).map(
+        |((mut wtx, mut rtx), mut chunks)| async move {
+            while let Some((w, r)) = chunks.recv().await {
+                let (a, b) = tokio::join!(
+                    copy(
+                        &mut wtx,
+                        "COPY records (seq, id, kind, key, payload, created_at) FROM STDIN (FORMAT binary)",
+                        w
+                    ),
+                    copy(
+                        &mut rtx,
+                        "COPY records (seq, id, kind, key, doc) FROM STDIN (FORMAT binary)",
+                        r
+                    ),
+                );
+                a.and(b)?;
+            }
+            anyhow::Ok((wtx, rtx))
+        },
+    ))
     .await;
     generator.await?;
-    copied?;
-    guard.commit().await?;
+    // The read model's part commits only once the write log's has: a seed
+    // that dies in between leaves records the projector catches up.
+    let mut reads = Vec::with_capacity(streams);
+    for (wtx, rtx) in copied? {
+        wtx.commit().await?;
+        reads.push(rtx);
+    }
+    for rtx in reads {
+        rtx.commit().await?;
+    }
     Ok(first)
 }
 
