@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Seeds COUNT records into empty databases with two `projector` binaries in
+# turn, ROUNDS times each, and prints every run and the medians: how a change
+# to the seed is measured (loadtest/RUNS.md). The order alternates by round
+# (A B, B A, A B, ...), so a machine that slows down over the runs does not
+# favour one side.
+#
+#   cargo build --release -p projector && cp target/release/projector /tmp/projector-new
+#   git stash && cargo build --release -p projector && cp target/release/projector /tmp/projector-old && git stash pop
+#   loadtest/seed-ab.sh /tmp/projector-old /tmp/projector-new
+#
+# Env (defaults):
+#   COUNT=3000000   records per seed
+#   ROUNDS=3        seeds per binary
+#   SEED_ARGS=""    extra arguments for both, e.g. "--streams 3"
+#   AB_SERVER       the PostgreSQL server, as a URL without a database (default: DATABASE_URL's
+#                   server, from .local/env when `make deps` wrote it, else
+#                   postgres://postgres@127.0.0.1:5432). Its databases seed_ab_write and
+#                   seed_ab_read are dropped and created before each seed, and dropped at the end.
+# Nothing else may run on the machine meanwhile: the figures are records a second.
+set -euo pipefail
+
+if [ "$#" -ne 2 ] || [ ! -x "$1" ] || [ ! -x "$2" ]; then
+  echo "usage: $0 OLD_PROJECTOR NEW_PROJECTOR (two executable projector binaries)" >&2
+  exit 2
+fi
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -z "${AB_SERVER:-}" ] && [ -z "${DATABASE_URL:-}" ] && [ -f "$ROOT/.local/env" ]; then
+  # shellcheck disable=SC1091
+  . "$ROOT/.local/env"
+fi
+server="${AB_SERVER:-${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/x}}"
+server="${AB_SERVER:-${server%/*}}"
+COUNT="${COUNT:-3000000}"
+ROUNDS="${ROUNDS:-3}"
+read -r -a extra <<< "${SEED_ARGS:-}"
+bins=("$1" "$2")
+names=(A B)
+
+admin() { psql -qAt "$server/postgres" -v ON_ERROR_STOP=1 "$@"; }
+drop() {
+  admin -c "DROP DATABASE IF EXISTS seed_ab_write WITH (FORCE)" \
+    -c "DROP DATABASE IF EXISTS seed_ab_read WITH (FORCE)" 2>/dev/null
+}
+trap drop EXIT
+
+declare -a total_A total_B copy_A copy_B
+echo "A = $1"
+echo "B = $2"
+echo "$COUNT records a seed, $ROUNDS seeds a side${SEED_ARGS:+, seed args: $SEED_ARGS}"
+for round in $(seq 1 "$ROUNDS"); do
+  order=(0 1)
+  if [ $((round % 2)) -eq 0 ]; then order=(1 0); fi
+  for i in "${order[@]}"; do
+    drop
+    admin -c "CREATE DATABASE seed_ab_write" -c "CREATE DATABASE seed_ab_read" -c "CHECKPOINT"
+    out="$(DATABASE_URL="$server/seed_ab_write" READ_DATABASE_URLS="$server/seed_ab_read" \
+      RUST_LOG=error "${bins[$i]}" seed --count "$COUNT" "${extra[@]}")"
+    # "seeded N records in S s (R/s), ...; copy S s (C/s)..."
+    total="$(sed -n 's/^seeded [0-9]* records in [0-9.]* s (\([0-9]*\)\/s).*/\1/p' <<< "$out")"
+    copy="$(sed -n 's/.*; copy [0-9.]* s (\([0-9]*\)\/s).*/\1/p' <<< "$out")"
+    if [ -z "$total" ] || [ -z "$copy" ]; then
+      echo "could not read the seed's output: $out" >&2
+      exit 1
+    fi
+    n="${names[$i]}"
+    declare -n totals="total_$n" copies="copy_$n"
+    totals+=("$total")
+    copies+=("$copy")
+    unset -n totals copies
+    echo "round $round $n: $total records/s (copy $copy/s)"
+  done
+done
+
+median() { printf '%s\n' "$@" | sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+echo "median A: $(median "${total_A[@]}") records/s (copy $(median "${copy_A[@]}")/s)"
+echo "median B: $(median "${total_B[@]}") records/s (copy $(median "${copy_B[@]}")/s)"
