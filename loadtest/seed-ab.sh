@@ -15,8 +15,9 @@
 #   SEED_ARGS=""    extra arguments for both, e.g. "--streams 3"
 #   AB_SERVER       the PostgreSQL server, as a URL without a database (default: DATABASE_URL's
 #                   server, from .local/env when `make deps` wrote it, else
-#                   postgres://postgres@127.0.0.1:5432). Its databases seed_ab_write and
-#                   seed_ab_read are dropped and created before each seed, and dropped at the end.
+#                   postgres://postgres@127.0.0.1:5432)
+#   AB_DB=seed_ab   the server's databases AB_DB_write and AB_DB_read are dropped and created
+#                   before each seed, and dropped at the end
 # Nothing else may run on the machine meanwhile: the figures are records a second.
 set -euo pipefail
 
@@ -33,14 +34,15 @@ server="${AB_SERVER:-${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/x}}"
 server="${AB_SERVER:-${server%/*}}"
 COUNT="${COUNT:-3000000}"
 ROUNDS="${ROUNDS:-3}"
+db="${AB_DB:-seed_ab}"
 read -r -a extra <<< "${SEED_ARGS:-}"
 bins=("$1" "$2")
 names=(A B)
 
 admin() { psql -qAt "$server/postgres" -v ON_ERROR_STOP=1 "$@"; }
 drop() {
-  admin -c "DROP DATABASE IF EXISTS seed_ab_write WITH (FORCE)" \
-    -c "DROP DATABASE IF EXISTS seed_ab_read WITH (FORCE)" 2>/dev/null
+  admin -c "DROP DATABASE IF EXISTS ${db}_write WITH (FORCE)" \
+    -c "DROP DATABASE IF EXISTS ${db}_read WITH (FORCE)" 2>/dev/null
 }
 trap drop EXIT
 
@@ -53,8 +55,8 @@ for round in $(seq 1 "$ROUNDS"); do
   if [ $((round % 2)) -eq 0 ]; then order=(1 0); fi
   for i in "${order[@]}"; do
     drop
-    admin -c "CREATE DATABASE seed_ab_write" -c "CREATE DATABASE seed_ab_read" -c "CHECKPOINT"
-    out="$(DATABASE_URL="$server/seed_ab_write" READ_DATABASE_URLS="$server/seed_ab_read" \
+    admin -c "CREATE DATABASE ${db}_write" -c "CREATE DATABASE ${db}_read" -c "CHECKPOINT"
+    out="$(DATABASE_URL="$server/${db}_write" READ_DATABASE_URLS="$server/${db}_read" \
       RUST_LOG=error "${bins[$i]}" seed --count "$COUNT" "${extra[@]}")"
     # "seeded N records in S s (R/s), ...; copy S s (C/s)..."
     total="$(sed -n 's/^seeded [0-9]* records in [0-9.]* s (\([0-9]*\)\/s).*/\1/p' <<< "$out")"
