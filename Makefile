@@ -36,7 +36,7 @@ test: deps
 	source $(LOCAL_DIR)/env && bash .ci/test-rust.sh $(TEST_THREADS)
 	bash .ci/edge-battery.sh
 	bash deploy/local/test-private-instances.sh
-	python3 -m unittest discover -s loadtest -p 'test_*.py'
+	source $(LOCAL_DIR)/env && python3 -m unittest discover -s loadtest -p 'test_*.py'
 
 lint: fmt clippy lint-deploy
 

@@ -30,8 +30,8 @@ if [ -z "${AB_SERVER:-}" ] && [ -z "${DATABASE_URL:-}" ] && [ -f "$ROOT/.local/e
   # shellcheck disable=SC1091
   . "$ROOT/.local/env"
 fi
-server="${AB_SERVER:-${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/x}}"
-server="${AB_SERVER:-${server%/*}}"
+url="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/cqrs}"
+server="${AB_SERVER:-${url%/*}}"
 COUNT="${COUNT:-3000000}"
 ROUNDS="${ROUNDS:-3}"
 db="${AB_DB:-seed_ab}"
@@ -46,7 +46,8 @@ drop() {
 }
 trap drop EXIT
 
-declare -a total_A total_B copy_A copy_B
+# Each side's figures, space-separated.
+declare -A totals copies
 echo "A = $1"
 echo "B = $2"
 echo "$COUNT records a seed, $ROUNDS seeds a side${SEED_ARGS:+, seed args: $SEED_ARGS}"
@@ -66,14 +67,13 @@ for round in $(seq 1 "$ROUNDS"); do
       exit 1
     fi
     n="${names[$i]}"
-    declare -n totals="total_$n" copies="copy_$n"
-    totals+=("$total")
-    copies+=("$copy")
-    unset -n totals copies
+    totals[$n]+="$total "
+    copies[$n]+="$copy "
     echo "round $round $n: $total records/s (copy $copy/s)"
   done
 done
 
-median() { printf '%s\n' "$@" | sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
-echo "median A: $(median "${total_A[@]}") records/s (copy $(median "${copy_A[@]}")/s)"
-echo "median B: $(median "${total_B[@]}") records/s (copy $(median "${copy_B[@]}")/s)"
+median() { tr ' ' '\n' <<< "$1" | sed '/^$/d' | sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+for n in "${names[@]}"; do
+  echo "median $n: $(median "${totals[$n]}") records/s (copy $(median "${copies[$n]}")/s)"
+done

@@ -16,16 +16,10 @@ SCRIPT = os.path.join(HERE, "seed-ab.sh")
 
 
 def server():
-    """The server the script uses when AB_SERVER is unset, as a URL without a database."""
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        env = os.path.join(HERE, "..", ".local", "env")
-        if os.path.exists(env):
-            with open(env) as f:
-                for line in f:
-                    if line.startswith("export DATABASE_URL="):
-                        url = line.split("=", 1)[1].strip().strip("'\"")
-    return (url or "postgres://postgres@127.0.0.1:5432/x").rsplit("/", 1)[0]
+    """The server the script uses (DATABASE_URL's, which `make test` sets from
+    .local/env), as a URL without a database."""
+    url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/cqrs")
+    return url.rsplit("/", 1)[0]
 
 
 def psql(db, sql):
