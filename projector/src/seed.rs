@@ -11,8 +11,9 @@
 //! then verifies it and advances over it, and over live writes made
 //! meanwhile. A part commits in the read model only after the write log: a
 //! seed that dies leaves records the projector catches up from the write
-//! log, never records the write log does not have. The cache is left cold (it fills on
-//! reads), and nothing stale can be in it because records are immutable.
+//! log, never records the write log does not have. The cache is left cold
+//! (it fills on reads), and nothing stale can be in it because records are
+//! immutable.
 //!
 //! With deferred indexes (by default when the seed at least doubles the read
 //! model) the read model's secondary indexes are dropped and built once at
