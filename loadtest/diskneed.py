@@ -6,7 +6,7 @@ asks this before every seed; so can anyone about to run `projector seed`:
   diskneed.py COUNT [projector seed options, of which --payload-bytes counts]
 
 It reads DATABASE_URL and the first of READ_DATABASE_URLS (as the services
-do), asks each server for its data directory and, where that directory is on
+do, with their defaults), asks each server for its data directory and, where that directory is on
 this machine, compares the free space of its file system with what COUNT
 records take there, plus the WAL between two checkpoints. The sizes are
 measured (loadtest/README.md, "At 100 million records"), with 10% over them.
@@ -79,13 +79,12 @@ def main(argv):
         print(f"diskneed: {e}", file=sys.stderr)
         return 2
     write, read = bytes_per_record(payload)
-    urls = [("write log", os.environ.get("DATABASE_URL", ""), write),
-            ("read model", os.environ.get("READ_DATABASE_URLS", "").split(",")[0], read)]
+    # The services' defaults (shared/src/config.rs).
+    server = "postgres://postgres@127.0.0.1:5432"
+    write_url = os.environ.get("DATABASE_URL") or f"{server}/cqrs"
+    read_url = (os.environ.get("READ_DATABASE_URLS") or f"{server}/cqrs_read").split(",")[0]
     need = {}  # per file system: bytes, a directory on it, what goes there, servers
-    for what, url, per_record in urls:
-        if not url:
-            print(f"diskneed: no URL for the {what}; not checked", file=sys.stderr)
-            continue
+    for what, url, per_record in [("write log", write_url, write), ("read model", read_url, read)]:
         try:
             directory = ask(url, "SHOW data_directory")
             wal = int(ask(url, "SELECT pg_size_bytes(current_setting('max_wal_size'))"))
@@ -110,7 +109,8 @@ def main(argv):
         free = st.f_bavail * st.f_frsize
         ok = total <= free
         fits &= ok
-        print(f"diskneed: {count:,} records of ~{payload:.0f}-byte payloads ({' and '.join(entry['what'])})"
+        what = " and ".join(entry["what"])
+        print(f"diskneed: {count:,} records of ~{payload:.0f}-byte payloads ({what})"
               f" need ~{human(total)} under {directory}; {human(free)} free: "
               + ("fits" if ok else f"does not fit, {human(total - free)} short"),
               file=sys.stderr)
