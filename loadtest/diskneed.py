@@ -57,11 +57,16 @@ def bytes_per_record(payload):
     return WRITE_BASE + WRITE_PER_BYTE * extra, READ_BASE + READ_PER_BYTE * extra
 
 
-def ask(url, sql):
-    out = subprocess.run(["psql", url, "-XAtc", sql], capture_output=True, text=True, timeout=30)
+def server_disk(url):
+    """The server's data directory and max_wal_size in bytes, in one round trip."""
+    sql = ("SELECT current_setting('data_directory'),"
+           " pg_size_bytes(current_setting('max_wal_size'))")
+    out = subprocess.run(["psql", url, "-XAtF", "\t", "-c", sql],
+                         capture_output=True, text=True, timeout=30)
     if out.returncode != 0:
         raise ConnectionError(f"{url.split('@')[-1]}: {out.stderr.strip()}")
-    return out.stdout.strip()
+    directory, wal = out.stdout.strip().split("\t")
+    return directory, int(wal)
 
 
 def human(n):
@@ -86,8 +91,7 @@ def main(argv):
     need = {}  # per file system: bytes, a directory on it, what goes there, servers
     for what, url, per_record in [("write log", write_url, write), ("read model", read_url, read)]:
         try:
-            directory = ask(url, "SHOW data_directory")
-            wal = int(ask(url, "SELECT pg_size_bytes(current_setting('max_wal_size'))"))
+            directory, wal = server_disk(url)
         except (ConnectionError, subprocess.TimeoutExpired, ValueError) as e:
             print(f"diskneed: the {what}'s server: {e}", file=sys.stderr)
             return 2
