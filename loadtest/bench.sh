@@ -36,8 +36,8 @@
 #   SEED_MODE=topup     topup: seed SCALE minus what is there; add: seed SCALE more; skip
 #   ID_POOL=20000       ids the read scripts pick from (fetched once per pass, shared by all VUs)
 #   SEED_ARGS=""        extra arguments for `projector seed` (e.g. "--payload-bytes 100-1000")
-#   DISK_CHECK=1        0: seed without asking loadtest/diskneed.py whether the records fit on
-#                       the databases' disk (a PostgreSQL whose disk fills stops)
+#   DISK_CHECK=1        0: seed with --check-disk no, without the seed's check that the
+#                       records fit on the databases' disk (a PostgreSQL whose disk fills stops)
 #   GATEWAY=0           1: reads and writes through the gateway (GATEWAY_URL=http://127.0.0.1:8000)
 #   CMD_URL/QUERY_URL/PROJECTOR_URL  default :8080/:8081/:8082; TOKEN for a JWT
 #   COOLDOWN=3          seconds between runs; SETTLE_TIMEOUT=300 waits for the projector
@@ -292,20 +292,14 @@ seed_to() { # target count, log file
     *) die "SEED_MODE must be topup, add or skip" ;;
   esac
   [ -x "$SEED_BIN" ] || die "$SEED_BIN not found: build it (cargo build --release) or set SEED_BIN"
-  if [ "$DISK_CHECK" = 1 ]; then
-    # shellcheck disable=SC2086
-    python3 "$HERE/diskneed.py" "$need" $SEED_ARGS 2>&1 | tee -a "$logf" >&2
-    case "${PIPESTATUS[0]}" in
-      0) ;;
-      1) die "$need records would not fit on the databases' disk (above): free space, seed smaller payloads (SEED_ARGS=\"--payload-bytes 16-48\") or fewer records, or DISK_CHECK=0 to seed anyway" ;;
-      *) log_to "$logf" "WARNING: the disk was not checked (above)" ;;
-    esac
-  fi
-  log "seeding $need records: $SEED_BIN seed --count $need $SEED_ARGS"
+  # The seed checks that the records fit on the databases' disk.
+  local args="$SEED_ARGS"
+  [ "$DISK_CHECK" = 1 ] || args="$args --check-disk no"
+  log "seeding $need records: $SEED_BIN seed --count $need $args"
   # shellcheck disable=SC2086
-  "$SEED_BIN" seed --count "$need" $SEED_ARGS 2>&1 | tee -a "$logf" >&2
+  "$SEED_BIN" seed --count "$need" $args 2>&1 | tee -a "$logf" >&2
   local rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || die "seeding failed (exit $rc); see $logf"
+  [ "$rc" = 0 ] || die "seeding failed (exit $rc; above, and in $logf); a seed that would not fit on the databases' disk says so, and DISK_CHECK=0 seeds anyway"
   SEEDED=1
 }
 

@@ -3,7 +3,7 @@
 //! without deferred indexes, and a seed that died with its indexes dropped is
 //! healed by the next one. The watermark does not pass a seed still being
 //! copied, and a seed killed half-way leaves nothing the projector does not
-//! heal.
+//! heal. A seed that would not fit on the databases' disk writes nothing.
 
 use std::{
     process::Stdio,
@@ -162,6 +162,34 @@ async fn a_seed_with_deferred_indexes_rebuilds_them_and_a_dead_one_is_healed() {
     seed(&stack, &["--count", "0"]).await;
     assert_eq!(secondary_indexes(&stack.read_db).await, indexes);
     assert_eq!(stack.count(&stack.read_db, "deferred_indexes").await, 0);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_seed_that_would_not_fit_on_the_disk_is_refused_before_it_writes() {
+    let stack = Stack::start().await;
+    // A quadrillion records need about an exabyte. Killed (on drop) if it
+    // ever started copying, so that a disk not checked cannot fill here.
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        seed_command(&stack, &["--count", "1_000_000_000_000_000"]).output(),
+    )
+    .await
+    .expect("the seed is refused at once, not started")
+    .expect("projector seed runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("would not fit") && stderr.contains("--check-disk no"),
+        "the refusal says why and how to override it: {stderr}"
+    );
+    assert_eq!(stack.count(&stack.write_db, "records").await, 0);
+    assert_eq!(stack.count(&stack.read_db, "records").await, 0);
+    let next: i64 = sqlx::query_scalar("SELECT nextval('records_seq')")
+        .fetch_one(&stack.write_db)
+        .await
+        .unwrap();
+    assert_eq!(next, 1, "no seq range was reserved");
     stack.stop().await;
 }
 

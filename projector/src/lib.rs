@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod consumer;
 mod copy_binary;
+pub mod disk_space;
 pub mod indexes;
 pub mod metrics;
 pub mod rebuild;

@@ -1,5 +1,6 @@
 //! `projector seed --count N [--payload-bytes MIN-MAX] [--kinds K] [--chunk C]
-//! [--streams S] [--part P] [--defer-indexes auto|yes|no]`: loads N synthetic records
+//! [--streams S] [--part P] [--defer-indexes auto|yes|no] [--check-disk yes|no]`:
+//! loads N synthetic records
 //! into the write log and the read model with binary COPY. Chunks are
 //! generated on a blocking thread while earlier ones are copied, S chunks at
 //! a time into each database. The seq range is reserved up front under a
@@ -32,6 +33,7 @@ use shared::{
 };
 
 use crate::copy_binary::BinaryCopy;
+use crate::disk_space;
 use crate::indexes::{self, Defer};
 use uuid::Uuid;
 
@@ -46,6 +48,8 @@ pub struct Options {
     /// Records reserved and committed at a time (see `seed_part`).
     pub part: u64,
     pub defer_indexes: Defer,
+    /// Refuse a seed that would not fit on the databases' disk (`disk_space`).
+    pub check_disk: bool,
 }
 
 impl Options {
@@ -59,6 +63,7 @@ impl Options {
             streams: 2,
             part: 1_000_000,
             defer_indexes: Defer::Auto,
+            check_disk: true,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -70,12 +75,19 @@ impl Options {
                 "--streams" => o.streams = value.parse()?,
                 "--part" => o.part = value.replace('_', "").parse()?,
                 "--defer-indexes" => o.defer_indexes = value.parse()?,
+                "--check-disk" => {
+                    o.check_disk = match value.as_str() {
+                        "yes" => true,
+                        "no" => false,
+                        _ => bail!("--check-disk takes yes or no, not {value:?}"),
+                    }
+                }
                 "--payload-bytes" => {
                     let (a, b) = value.split_once('-').unwrap_or((value, value));
                     o.payload_min = a.parse()?;
                     o.payload_max = b.parse()?;
                 }
-                other => bail!("unknown option {other}; expected --count, --payload-bytes MIN-MAX, --kinds, --chunk, --streams, --part, --defer-indexes auto|yes|no"),
+                other => bail!("unknown option {other}; expected --count, --payload-bytes MIN-MAX, --kinds, --chunk, --streams, --part, --defer-indexes auto|yes|no, --check-disk yes|no"),
             }
         }
         if o.kinds == 0 || o.chunk == 0 || o.part == 0 || o.streams == 0 {
@@ -103,6 +115,9 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
     indexes::restore(&read).await?;
     if o.count == 0 {
         return Ok(());
+    }
+    if o.check_disk {
+        disk_space::check(&write, &read, o.count, (o.payload_min, o.payload_max)).await?;
     }
     for (pool, database) in [(&write, "write log"), (&read, "read model")] {
         let wal_buffers: i64 =
@@ -354,7 +369,7 @@ fn seeded_id(unix_millis: u64, seq: i64) -> Uuid {
 
 /// A JSON object of exactly `size` bytes (or its head, if larger). The filler
 /// takes ten characters from each random number, six bits each.
-fn payload_of(seq: i64, size: usize, rng: &mut SmallRng) -> String {
+pub(crate) fn payload_of(seq: i64, size: usize, rng: &mut SmallRng) -> String {
     let mut out = String::with_capacity(size);
     let _ = write!(
         out,
@@ -394,6 +409,9 @@ mod tests {
         assert!(parse(&["--streams", "0"]).is_err());
         let o = parse(&["--count", "1_000", "--payload-bytes", "20-30"]).unwrap();
         assert_eq!((o.count, o.payload_min, o.payload_max), (1000, 20, 30));
+        assert!(o.check_disk, "the disk is checked unless told not to");
+        assert!(!parse(&["--check-disk", "no"]).unwrap().check_disk);
+        assert!(parse(&["--check-disk", "maybe"]).is_err());
     }
 
     #[test]
