@@ -1,7 +1,7 @@
 //! `projector seed --count N [--payload-bytes MIN-MAX] [--kinds K] [--chunk C]
 //! [--streams S] [--part P] [--defer-indexes auto|yes|no] [--check-disk yes|no]`:
-//! loads N synthetic records
-//! into the write log and the read model with binary COPY. Chunks are
+//! loads N synthetic records into the write log and the read model with
+//! binary COPY, once `disk_space` has found that they fit. Chunks are
 //! generated on a blocking thread while earlier ones are copied, S chunks at
 //! a time into each database. The seq range is reserved up front under a
 //! lock that live writers respect, so seeding can run beside traffic; P
