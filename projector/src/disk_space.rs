@@ -317,7 +317,10 @@ mod tests {
                 .map(|_| crate::seed::payload_of(seq, 16, &mut rng).len())
                 .collect();
             let mean = lengths.iter().sum::<usize>() as f64 / lengths.len() as f64;
-            assert!(lengths.iter().all(|&n| n <= PAYLOAD_FLOOR), "{seq}: {lengths:?}");
+            assert!(
+                lengths.iter().all(|&n| n <= PAYLOAD_FLOOR),
+                "{seq}: {lengths:?}"
+            );
             assert!(mean >= PAYLOAD_FLOOR as f64 - 3.0, "{seq}: {mean}");
         }
     }
