@@ -90,9 +90,10 @@ pub struct Demand {
 }
 
 /// The bytes `count` records need on each file system, the margin included.
-/// `servers` are the servers of the databases whose files can be found: `device` says which file system a server's directory
-/// is on, or `None` when it is not on this machine. A server's WAL is
-/// counted once however many of the databases it holds.
+/// `servers` are the servers of the databases whose files can be found;
+/// `device` says which file system a server's directory is on, or `None`
+/// when it is not on this machine. A server's WAL is counted once however
+/// many of the databases it holds.
 pub fn demands(
     count: u64,
     mean_payload: f64,
