@@ -22,7 +22,7 @@ use anyhow::bail;
 /// payload at least about this long whatever size is asked for: 38-42 bytes
 /// for seqs below 10^10, counted at the top so the estimate errs on the safe
 /// side.
-pub const PAYLOAD_FLOOR: usize = 42;
+const PAYLOAD_FLOOR: usize = 42;
 /// Bytes per record, tables and indexes, with payloads of `BASE_PAYLOAD`
 /// bytes, and per payload byte more: the write log keeps the payload, the
 /// read model the whole record as JSON.
@@ -37,7 +37,7 @@ const MARGIN: f64 = 1.10;
 
 /// The mean stored payload when sizes are drawn uniformly from `lo..=hi`
 /// (sizes below the floor are stored at the floor).
-pub fn mean_payload(lo: usize, hi: usize) -> f64 {
+fn mean_payload(lo: usize, hi: usize) -> f64 {
     let sizes = (hi - lo + 1) as f64;
     let below = (hi.min(PAYLOAD_FLOOR) + 1).saturating_sub(lo) as f64;
     let top_lo = lo.max(PAYLOAD_FLOOR + 1);
@@ -46,7 +46,7 @@ pub fn mean_payload(lo: usize, hi: usize) -> f64 {
 }
 
 /// Bytes one record takes in the write log and in the read model.
-pub fn bytes_per_record(mean_payload: f64) -> (f64, f64) {
+fn bytes_per_record(mean_payload: f64) -> (f64, f64) {
     let extra = mean_payload - BASE_PAYLOAD;
     (
         WRITE_BASE + WRITE_PER_BYTE * extra,
@@ -56,7 +56,7 @@ pub fn bytes_per_record(mean_payload: f64) -> (f64, f64) {
 
 /// The two databases a seed writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Database {
+enum Database {
     WriteLog,
     ReadModel,
 }
@@ -72,38 +72,34 @@ impl Database {
 
 /// Where a database server keeps its files, as it says itself.
 #[derive(Debug, Clone)]
-pub struct Server {
-    pub data_directory: PathBuf,
+struct Server {
+    data_directory: PathBuf,
     /// `max_wal_size`: the WAL kept between two checkpoints.
-    pub max_wal_bytes: u64,
-    /// Reached through a socket or loopback: its directory is on this machine.
-    pub local: bool,
+    max_wal_bytes: u64,
+    /// The file system the data directory is on, when the server is on this
+    /// machine (reached through a socket or loopback, and the directory is
+    /// here); `None` otherwise.
+    device: Option<u64>,
 }
 
 /// What one file system must hold.
-#[derive(Debug, PartialEq)]
-pub struct Demand {
+#[derive(Debug)]
+struct Demand {
     /// A directory on the file system, to measure its free space.
-    pub directory: PathBuf,
-    pub bytes: u64,
-    pub holds: Vec<Database>,
+    directory: PathBuf,
+    bytes: u64,
+    holds: Vec<Database>,
 }
 
 /// The bytes `count` records need on each file system, the margin included.
-/// `servers` are the servers of the databases whose files can be found;
-/// `device` says which file system a server's directory is on, or `None`
-/// when it is not on this machine. A server's WAL is counted once however
+/// `servers` are the servers of the databases whose files can be found; one
+/// not on this machine is left out. A server's WAL is counted once however
 /// many of the databases it holds.
-pub fn demands(
-    count: u64,
-    mean_payload: f64,
-    servers: &[(Database, Server)],
-    device: impl Fn(&Server) -> Option<u64>,
-) -> Vec<Demand> {
+fn demands(count: u64, mean_payload: f64, servers: &[(Database, Server)]) -> Vec<Demand> {
     let (write, read) = bytes_per_record(mean_payload);
     let mut by_device: BTreeMap<u64, (Demand, Vec<&Path>)> = BTreeMap::new();
     for (holds, server) in servers {
-        let Some(dev) = device(server) else {
+        let Some(dev) = server.device else {
             continue;
         };
         let (demand, counted) = by_device.entry(dev).or_insert_with(|| {
@@ -129,16 +125,6 @@ pub fn demands(
     by_device.into_values().map(|(d, _)| d).collect()
 }
 
-/// The file system a local server's directory is on.
-fn device_of(server: &Server) -> Option<u64> {
-    if !server.local {
-        return None;
-    }
-    std::fs::metadata(&server.data_directory)
-        .ok()
-        .map(|m| m.dev())
-}
-
 async fn server(pool: &sqlx::PgPool) -> Result<Server, sqlx::Error> {
     let (directory, wal, local): (String, i64, bool) = sqlx::query_as(
         "SELECT current_setting('data_directory'), \
@@ -147,10 +133,15 @@ async fn server(pool: &sqlx::PgPool) -> Result<Server, sqlx::Error> {
     )
     .fetch_one(pool)
     .await?;
+    let data_directory = PathBuf::from(directory);
+    let device = local
+        .then(|| std::fs::metadata(&data_directory).ok())
+        .flatten()
+        .map(|m| m.dev());
     Ok(Server {
-        data_directory: directory.into(),
+        data_directory,
         max_wal_bytes: wal.max(0) as u64,
-        local,
+        device,
     })
 }
 
@@ -187,7 +178,7 @@ fn verdict(
     servers: &[(Database, Server)],
 ) -> anyhow::Result<()> {
     for (holds, s) in servers {
-        if device_of(s).is_none() {
+        if s.device.is_none() {
             tracing::warn!(
                 database = holds.name(),
                 directory = %s.data_directory.display(),
@@ -197,7 +188,7 @@ fn verdict(
     }
     let payload = mean_payload(lo, hi);
     let mut short = Vec::new();
-    for demand in demands(count, payload, servers, device_of) {
+    for demand in demands(count, payload, servers) {
         let free = match rustix::fs::statvfs(&demand.directory) {
             Ok(st) => st.f_bavail * st.f_frsize,
             Err(e) => {
@@ -242,11 +233,11 @@ fn verdict(
 mod tests {
     use super::*;
 
-    fn server(dir: &str, wal_gib: u64) -> Server {
+    fn server(dir: &str, wal_gib: u64, device: Option<u64>) -> Server {
         Server {
             data_directory: dir.into(),
             max_wal_bytes: wal_gib << 30,
-            local: true,
+            device,
         }
     }
 
@@ -273,9 +264,9 @@ mod tests {
 
     #[test]
     fn two_databases_of_one_server_share_its_wal_and_its_file_system() {
-        let s = server("/var/lib/pg", 1);
+        let s = server("/var/lib/pg", 1, Some(7));
         let servers = [(Database::WriteLog, s.clone()), (Database::ReadModel, s)];
-        let d = demands(1_000_000, 288.0, &servers, |_| Some(7));
+        let d = demands(1_000_000, 288.0, &servers);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].holds, [Database::WriteLog, Database::ReadModel]);
         let (w, r) = bytes_per_record(288.0);
@@ -286,25 +277,21 @@ mod tests {
     #[test]
     fn servers_on_two_file_systems_are_checked_apart_and_remote_ones_not_at_all() {
         let servers = [
-            (Database::WriteLog, server("/disk-a/pg", 1)),
-            (Database::ReadModel, server("/disk-b/pg", 2)),
+            (Database::WriteLog, server("/disk-a/pg", 1, Some(1))),
+            (Database::ReadModel, server("/disk-b/pg", 2, Some(2))),
         ];
-        let two = demands(10, 100.0, &servers, |s| {
-            Some(if s.data_directory.starts_with("/disk-a") {
-                1
-            } else {
-                2
-            })
-        });
+        let two = demands(10, 100.0, &servers);
         assert_eq!(two.len(), 2);
         assert_eq!(two[0].holds, [Database::WriteLog]);
         assert!(
             two[1].bytes > two[0].bytes,
             "more WAL and a larger record: {two:?}"
         );
-        let one = demands(10, 100.0, &servers, |s| {
-            s.data_directory.starts_with("/disk-a").then_some(1)
-        });
+        let servers = [
+            servers[0].clone(),
+            (Database::ReadModel, server("/disk-b/pg", 2, None)),
+        ];
+        let one = demands(10, 100.0, &servers);
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].directory, Path::new("/disk-a/pg"));
     }
@@ -330,7 +317,8 @@ mod tests {
     fn a_seed_larger_than_the_disk_is_refused_and_a_small_one_is_not() {
         // The crate's own directory stands for a local server's (no WAL, so
         // that a nearly full disk still takes the small seed).
-        let here = server(env!("CARGO_MANIFEST_DIR"), 0);
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let here = server(dir, 0, Some(std::fs::metadata(dir).unwrap().dev()));
         let servers = [
             (Database::WriteLog, here.clone()),
             (Database::ReadModel, here.clone()),
@@ -345,7 +333,7 @@ mod tests {
         );
         // A server elsewhere is not checked, whatever the count.
         let remote = Server {
-            local: false,
+            device: None,
             ..here.clone()
         };
         let servers = [
