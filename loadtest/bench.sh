@@ -16,6 +16,11 @@
 #   RATE_<NAME>         rate of one scenario, e.g. RATE_WRITE=1500 RATE_READ_ID_6K=6000 RATE_BATCH=110
 #   SOAK=0              add the soak (mixed, SOAK_RATE=1000/s for SOAK_DURATION=30m)
 #   COMPARE=0           1: run at SCALE_SMALL=100000, seed up to SCALE_LARGE=10000000, run again
+#   INTERLEAVE=0        1 (with COMPARE=1): keep the small store apart, in a second stack this
+#                       script starts (ports SMALL_PORTS=8180..8183, databases SMALL_DB=cqrs_bench_small
+#                       and <SMALL_DB>_read, dropped before and after), and run each scenario at
+#                       both sizes back to back, in turn first (ABBA): a VM whose speed moves
+#                       over minutes then moves both sizes alike instead of one pass
 #   FLOOR_RUNS=1        0: skip the floor runs; FLOOR_PORT=8099
 #   ROUNDS=1            run the scenarios this many times per pass, round-robin, into
 #                       <pass>/round<N>/; reports and the comparison take each figure's
@@ -73,6 +78,9 @@ WARMUP_RATE="${WARMUP_RATE:-1000}"
 COMPARE="${COMPARE:-0}"
 SCALE_SMALL="${SCALE_SMALL:-100000}"
 SCALE_LARGE="${SCALE_LARGE:-10000000}"
+INTERLEAVE="${INTERLEAVE:-0}"
+SMALL_PORTS="${SMALL_PORTS:-8180}"
+SMALL_DB="${SMALL_DB:-cqrs_bench_small}"
 SCENARIOS="${SCENARIOS:-read_id read_id_6k list freshness mixed write batch}"
 SOAK="${SOAK:-0}"
 SOAK_DURATION="${SOAK_DURATION:-30m}"
@@ -137,6 +145,12 @@ rate_of() {
 }
 duration_of() { if [ "$1" = soak ]; then echo "$SOAK_DURATION"; else echo "$DURATION"; fi; }
 
+case "$SMALL_DB" in '' | *[!a-z0-9_]*) die "SMALL_DB must be a database name of a-z, 0-9 and _ (got '$SMALL_DB')" ;; esac
+if [ "$INTERLEAVE" = 1 ]; then
+  [ "$COMPARE" = 1 ] || die "INTERLEAVE=1 interleaves the two sizes of COMPARE=1: set COMPARE=1 too"
+  [ "$BENCH_SELFTEST" = 1 ] && die "INTERLEAVE=1 starts a second stack of the real services: not with BENCH_SELFTEST=1"
+  case "$SEED_MODE" in topup) ;; *) die "INTERLEAVE=1 seeds each store up to its size: SEED_MODE must be topup" ;; esac
+fi
 case "$ROUNDS" in '' | *[!0-9]* | 0) die "ROUNDS must be a whole number of at least 1 (got '$ROUNDS')" ;; esac
 for s in $SCENARIOS; do script_of "$s" >/dev/null || die "unknown scenario '$s' (known: read_id read_id_6k list freshness mixed write batch soak smoke)"; done
 
@@ -156,6 +170,103 @@ if ! find_k6; then
 fi
 command -v curl >/dev/null || die "curl is needed"
 
+# --------------------------------------------------------------- two stores
+# INTERLEAVE=1: the small store lives in a second stack, started here from
+# the same binaries on the same PostgreSQL, Redis and RabbitMQ servers as the
+# stack under test, in databases, a key prefix and a queue of its own. Its
+# databases are dropped before it starts (a store left by an earlier run would
+# hold that run's batch records) and after it stops.
+SMALL_STACK_PID=""
+S_CMD_URL="http://127.0.0.1:$SMALL_PORTS"
+S_QUERY_URL="http://127.0.0.1:$((SMALL_PORTS + 1))"
+S_PROJECTOR_URL="http://127.0.0.1:$((SMALL_PORTS + 2))"
+S_GATEWAY_URL="http://127.0.0.1:$((SMALL_PORTS + 3))"
+L_DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/cqrs}"
+L_READ_DATABASE_URLS="${READ_DATABASE_URLS:-postgres://postgres@127.0.0.1:5432/cqrs_read}"
+
+# db_url_named <url> <name>: the same server and options, another database.
+db_url_named() {
+  local url="$1" query=""
+  case "$url" in *\?*) query="?${url#*\?}" url="${url%%\?*}" ;; esac
+  echo "${url%/*}/$2$query"
+}
+S_DATABASE_URL="$(db_url_named "$L_DATABASE_URL" "$SMALL_DB")"
+S_READ_DATABASE_URLS="$(db_url_named "${L_READ_DATABASE_URLS%%,*}" "${SMALL_DB}_read")"
+
+drop_small_dbs() {
+  local url db
+  for url in "$S_DATABASE_URL" "$S_READ_DATABASE_URLS"; do
+    db="${url%%\?*}"
+    db="${db##*/}"
+    timeout 60 psql "$(db_url_named "$url" postgres)" -Xq -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null ||
+      log "could not drop database $db (psql missing, or not allowed?)"
+  done
+}
+
+start_small_stack() {
+  local dir="$OUT/small-stack" run_id t0 u
+  run_id="$(date -u +%Y%m%d%H%M%S)"
+  for u in "$S_CMD_URL" "$S_QUERY_URL" "$S_PROJECTOR_URL"; do
+    curl -fsS -m 2 -o /dev/null "$u/readyz" 2>/dev/null && die "something already answers on $u: a second stack left running? (SMALL_PORTS=$SMALL_PORTS)"
+  done
+  drop_small_dbs
+  mkdir -p "$dir"
+  log "starting the small store's stack on :$SMALL_PORTS-:$((SMALL_PORTS + 3)) (databases $SMALL_DB, ${SMALL_DB}_read; log $dir/up.log)"
+  # Its own queue name per run, expiring when unused: a queue an earlier run
+  # left behind would hand this store records of a store since dropped.
+  # BENCH_STORE tells procsample.py its services from the large store's.
+  env LOCAL_DIR="$dir" SKIP_BUILD=1 BENCH_STORE=small \
+    DATABASE_URL="$S_DATABASE_URL" READ_DATABASE_URLS="$S_READ_DATABASE_URLS" \
+    REDIS_PREFIX="cqrs-bench-small-$run_id:" AMQP_EXCHANGE="cqrs.bench-small.records" \
+    AMQP_QUEUE="cqrs.bench-small.$run_id" AMQP_QUEUE_EXPIRES_MS=600000 \
+    COMMAND_API_PORT="$SMALL_PORTS" QUERY_API_PORT="$((SMALL_PORTS + 1))" \
+    PROJECTOR_PORT="$((SMALL_PORTS + 2))" GATEWAY_PORT="$((SMALL_PORTS + 3))" \
+    setsid "$ROOT/deploy/local/up.sh" >"$dir/up.log" 2>&1 </dev/null &
+  SMALL_STACK_PID=$!
+  t0=$(date +%s)
+  until ready "$S_CMD_URL" && ready "$S_QUERY_URL" && ready "$S_PROJECTOR_URL"; do
+    kill -0 "$SMALL_STACK_PID" 2>/dev/null || { tail -20 "$dir/up.log" >&2; SMALL_STACK_PID=""; die "the small store's stack did not start (above; $dir/up.log)"; }
+    [ $(($(date +%s) - t0)) -lt 180 ] || { tail -20 "$dir/up.log" >&2; die "the small store's stack was not ready after 180 s ($dir/up.log)"; }
+    sleep 1
+  done
+  if [ "$GATEWAY" = 1 ] && ! curl -fsS -m 3 -o /dev/null "$S_GATEWAY_URL/data?limit=1"; then
+    die "the small store's stack has no gateway on $S_GATEWAY_URL (nginx missing?; $dir/up.log)"
+  fi
+  log "small store's stack ready in $(($(date +%s) - t0)) s"
+}
+
+stop_small_stack() {
+  [ -n "$SMALL_STACK_PID" ] || return 0
+  local i
+  log "stopping the small store's stack"
+  kill -TERM "$SMALL_STACK_PID" 2>/dev/null
+  for i in $(seq 1 60); do kill -0 "$SMALL_STACK_PID" 2>/dev/null || break; sleep 0.5; done
+  kill -0 "$SMALL_STACK_PID" 2>/dev/null && kill -KILL -- "-$SMALL_STACK_PID" 2>/dev/null
+  SMALL_STACK_PID=""
+  drop_small_dbs
+}
+
+# use_stack small|large: point every URL, the seed and the id pool at one store.
+use_stack() {
+  case "$1" in
+    small)
+      CMD_URL="$S_CMD_URL" QUERY_URL="$S_QUERY_URL" PROJECTOR_URL="$S_PROJECTOR_URL"
+      DATABASE_URL="$S_DATABASE_URL" READ_DATABASE_URLS="$S_READ_DATABASE_URLS"
+      ID_FILE="$S_ID_FILE"
+      [ "$GATEWAY" = 1 ] && K6_BASE="$S_GATEWAY_URL"
+      ;;
+    large)
+      CMD_URL="$L_CMD_URL" QUERY_URL="$L_QUERY_URL" PROJECTOR_URL="$L_PROJECTOR_URL"
+      DATABASE_URL="$L_DATABASE_URL" READ_DATABASE_URLS="$L_READ_DATABASE_URLS"
+      ID_FILE="$L_ID_FILE"
+      [ "$GATEWAY" = 1 ] && K6_BASE="$GATEWAY_URL"
+      ;;
+  esac
+  export DATABASE_URL READ_DATABASE_URLS
+}
+L_CMD_URL="$CMD_URL" L_QUERY_URL="$QUERY_URL" L_PROJECTOR_URL="$PROJECTOR_URL"
+S_ID_FILE="" L_ID_FILE=""
+
 # --------------------------------------------------------------- cleanup
 SAMPLER_PID=""
 K6_PID=""
@@ -165,6 +276,7 @@ cleanup() {
   [ -n "$K6_PID" ] && kill "$K6_PID" 2>/dev/null
   [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null
   if [ "$FLOOR_STARTED" = 1 ]; then FLOOR_PORT="$FLOOR_PORT" "$HERE/floor/floor.sh" stop || true; fi
+  stop_small_stack
   if [ "$SELFTEST_STARTED" = 1 ]; then
     FLOOR_PORT="$SELFTEST_PORT" FLOOR_DIR="$ROOT/loadtest/results/selftest-stack" "$HERE/floor/floor.sh" stop || true
   fi
@@ -210,19 +322,19 @@ if [ "$busy" -gt "${BUSY_WARN:-25}" ]; then
 fi
 
 # X-Projection-Seq of the read side: the watermark, about the number of records.
-projection_seq() {
-  curl -fsS -m 5 -D - -o /dev/null "$QUERY_URL/data?limit=1" 2>/dev/null |
+projection_seq() { # [query URL]
+  curl -fsS -m 5 -D - -o /dev/null "${1:-$QUERY_URL}/data?limit=1" 2>/dev/null |
     tr -d '\r' | awk -F': *' 'tolower($1)=="x-projection-seq"{print $2}' | tail -1
 }
 
 # Wait until the watermark stops moving (the projector has caught up).
-settle() {
-  local last cur same=0 t0
+settle() { # [query URL]
+  local last cur same=0 t0 url="${1:-$QUERY_URL}"
   t0=$(date +%s)
-  last="$(projection_seq)"
+  last="$(projection_seq "$url")"
   while :; do
     sleep 1
-    cur="$(projection_seq)"
+    cur="$(projection_seq "$url")"
     if [ "$cur" = "$last" ]; then same=$((same + 1)); else same=0; fi
     [ "$same" -ge 2 ] && break
     if [ $(($(date +%s) - t0)) -ge "$SETTLE_TIMEOUT" ]; then
@@ -455,6 +567,88 @@ scenarios() {
   done
 }
 
+# --------------------------------------------------------------- interleaved
+# prepare_store <small|large> <dir>: seed, id pool and warm-up of one store.
+prepare_store() {
+  local which="$1" dir="$2" scale n
+  [ "$which" = small ] && scale="$SCALE_SMALL" || scale="$SCALE_LARGE"
+  use_stack "$which"
+  mkdir -p "$dir"
+  settle
+  seed_to "$scale" "$dir/seed.log"
+  if [ "$SEEDED" = 1 ]; then
+    settle
+    quiet_machine "$dir/seed.log"
+  fi
+  ID_FILE=""
+  if n="$(fetch_ids "$dir/ids.json")" && [ "${n:-0}" -gt 0 ]; then
+    ID_FILE="$dir/ids.json"
+    log "id pool ($which): $n ids in $ID_FILE, each read once"
+  else
+    log "could not fetch an id pool ($which); the read scripts fetch their own in setup()"
+  fi
+  if [ "$which" = small ]; then S_ID_FILE="$ID_FILE"; else L_ID_FILE="$ID_FILE"; fi
+  log "warm-up ($which): mixed at ${WARMUP_RATE}/s for $WARMUP"
+  run_k6 warmup-mixed "$dir" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
+  rm -f "$dir"/warmup-mixed.*
+}
+
+# run_at <small|large> <scenario> <round> <floor 0|1>: one run into that
+# store's pass (and round) directory.
+run_at() {
+  local rd
+  rd="$([ "$1" = small ] && echo "$OUT/small" || echo "$OUT/large")"
+  [ "$ROUNDS" -gt 1 ] && rd="$rd/round$3"
+  mkdir -p "$rd"
+  # Neither projector may still be catching up while the other is measured.
+  settle "$S_QUERY_URL"
+  settle "$L_QUERY_URL"
+  use_stack "$1"
+  run_k6 "$2" "$rd" "$4"
+  sleep "$COOLDOWN"
+}
+
+# interleaved: COMPARE=1 with the two sizes in two stores. Each scenario runs
+# at one size, then against the floor, then at the other size; odd rounds
+# start with the small store, even rounds with the large one. The files land
+# where a sequential COMPARE puts them (small/, large/, round<N>/), so the
+# reports and the comparison read them alike.
+interleaved() {
+  local sdir="$OUT/small" ldir="$OUT/large" r s first second last
+  start_small_stack
+  # The large store first: its seed is the long one, and the small store's
+  # stack stays idle meanwhile.
+  prepare_store large "$ldir"
+  prepare_store small "$sdir"
+  for r in $(seq 1 "$ROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then first=small second=large; else first=large second=small; fi
+    last=0
+    [ "$r" = "$ROUNDS" ] && last=1
+    [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($first store first)"
+    for s in $SCENARIOS; do
+      case "$s" in batch | soak) [ "$last" = 0 ] && continue ;; esac
+      run_at "$first" "$s" "$r" 0
+      # The floor once per pair, between the two sizes (the comparison takes
+      # the large store's floors from the small pass); FLOOR_BOTH=1 adds one
+      # after the pair, in the large pass, to show how far the floor itself
+      # moved within a pair.
+      [ "$FLOOR_RUNS" = 1 ] && run_at small "$s" "$r" 1
+      run_at "$second" "$s" "$r" 0
+      [ "${FLOOR_BOTH:-0}" = 1 ] && run_at large "$s" "$r" 1
+    done
+    if [ "$ROUNDS" -gt 1 ]; then
+      use_stack small
+      scale_json "$sdir/round$r/scale.json" "$SCALE_SMALL" "\"round\": $r"
+      use_stack large
+      scale_json "$ldir/round$r/scale.json" "$SCALE_LARGE" "\"round\": $r"
+    fi
+  done
+  use_stack small
+  scale_json "$sdir/scale.json" "$SCALE_SMALL" "\"rounds\": $ROUNDS, \"interleaved\": true"
+  use_stack large
+  scale_json "$ldir/scale.json" "$SCALE_LARGE" "\"rounds\": $ROUNDS, \"interleaved\": true"
+}
+
 # --------------------------------------------------------------- main
 OUT="${OUT:-$ROOT/loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$OUT"
@@ -470,7 +664,7 @@ log "results in $OUT"
   echo "  \"kernel\": \"$(uname -r)\","
   echo "  \"k6\": \"$("$K6" version 2>/dev/null | head -1 | sed 's/"//g')\","
   echo "  \"git\": \"$(git rev-parse --short HEAD 2>/dev/null || echo none)\","
-  echo "  \"scale\": $SCALE, \"duration\": \"$DURATION\", \"compare\": $COMPARE, \"rounds\": $ROUNDS,"
+  echo "  \"scale\": $SCALE, \"duration\": \"$DURATION\", \"compare\": $COMPARE, \"rounds\": $ROUNDS, \"interleave\": $INTERLEAVE,"
   echo "  \"scale_small\": $SCALE_SMALL, \"scale_large\": $SCALE_LARGE,"
   echo "  \"scenarios\": \"$SCENARIOS\","
   echo "  \"cmd_url\": \"$CMD_URL\", \"query_url\": \"$QUERY_URL\", \"gateway\": \"${K6_BASE}\","
@@ -494,8 +688,12 @@ if [ "$FLOOR_RUNS" = 1 ]; then
 fi
 
 if [ "$COMPARE" = 1 ]; then
-  pass "$OUT/small" "$SCALE_SMALL" "$FLOOR_RUNS"
-  pass "$OUT/large" "$SCALE_LARGE" "${FLOOR_BOTH:-0}"
+  if [ "$INTERLEAVE" = 1 ]; then
+    interleaved
+  else
+    pass "$OUT/small" "$SCALE_SMALL" "$FLOOR_RUNS"
+    pass "$OUT/large" "$SCALE_LARGE" "${FLOOR_BOTH:-0}"
+  fi
   python3 "$HERE/report.py" "$OUT/small" --floor-from "$OUT/small" || log "report (small) failed"
   python3 "$HERE/report.py" "$OUT/large" --floor-from "$OUT/small" || log "report (large) failed"
   python3 "$HERE/report.py" --compare "$OUT/small" "$OUT/large" --out "$OUT" || log "comparison failed"

@@ -8,7 +8,9 @@ or argv[0]'s basename): all postgres backends count as "postgres", beam.smp is
 RabbitMQ, nginx started with the floor's config is "nginx-floor", and the
 kernel's page reclaim threads (kswapd, and kdamond when DAMON reclaims cold
 pages) are "kernel-reclaim": on a VM that reclaims page cache proactively,
-the databases' pages are read back from disk between runs. Per sample and group: number of processes, CPU% over the interval
+the databases' pages are read back from disk between runs. The services
+of a second stack (bench.sh `INTERLEAVE=1`: BENCH_STORE=small in their
+environment) are "command-api@small" and so on. Per sample and group: number of processes, CPU% over the interval
 (100 = one core busy; summed over the group), RSS (summed, MiB) and PSS (MiB;
 shared pages divided among their users, so postgres' shared buffers are not
 counted once per backend; from /proc/PID/smaps_rollup when readable). PSS
@@ -69,9 +71,28 @@ def reclaim_thread(nm):
     return nm.startswith("kswapd") or nm.startswith("kdamond")
 
 
+# bench.sh's INTERLEAVE=1 runs a second stack for the small store, its
+# services started with this in their environment.
+SECOND_STORE = b"BENCH_STORE=small"
+SERVICES = ("command-api", "query-api", "projector")
+
+
+def second_store(pid):
+    try:
+        with open("/proc/%s/environ" % pid, "rb") as f:
+            return SECOND_STORE in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
 def classify(pid, nm, cache):
     """nginx serving the floor (a master started with the floor's config, and
-    its workers) is reported as nginx-floor, apart from the gateway's nginx."""
+    its workers) is reported as nginx-floor, apart from the gateway's nginx;
+    a service of the small store's stack as <name>@small."""
+    if nm in SERVICES:
+        if pid not in cache:
+            cache[pid] = nm + "@small" if second_store(pid) else nm
+        return cache[pid]
     if nm != "nginx":
         return nm
     if pid not in cache:
@@ -159,6 +180,9 @@ def main():
         groups = {n: [0, 0.0, 0, 0, False] for n in names}  # n, cpu_s, rss, pss, pss_known
         if "nginx" in groups:
             groups["nginx-floor"] = [0, 0.0, 0, 0, False]
+        for sv in SERVICES:
+            if sv in groups:
+                groups[sv + "@small"] = [0, 0.0, 0, 0, False]
         cur = {}
         fresh_pss = sample % max(1, a.pss_every) == 0
         sample += 1

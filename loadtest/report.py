@@ -85,7 +85,7 @@ TARGET_TEXT = {
 }
 CONTRACT_MS = 500
 RECORDS_PER_S = 100000
-PROCS = ["command-api", "query-api", "projector", "postgres", "redis-server", "beam.smp", "nginx", "k6", "nginx-floor", "kernel-reclaim", "_machine"]
+PROCS = ["command-api", "query-api", "projector", "command-api@small", "query-api@small", "projector@small", "postgres", "redis-server", "beam.smp", "nginx", "k6", "nginx-floor", "kernel-reclaim", "_machine"]
 
 
 def ensure_matplotlib():
@@ -957,6 +957,12 @@ def rounds_verdict(tested):
     return s
 
 
+def paired_ratios(small, large):
+    """Each round's large p99 over the same round's small one ("%.2f"), for
+    the rounds where both ran."""
+    return ["%.2f" % (b / a) for a, b in zip(small or [], large or []) if a and b is not None]
+
+
 def compare(small, large, out):
     def load(d):
         fj = load_json(os.path.join(d, "figures.json"))
@@ -1002,6 +1008,10 @@ def compare(small, large, out):
          "Same scenarios at %s and %s records (watermark after: ~%s and ~%s). Ratio = large / small (for records/s: small / large); ≤ 1.10 passes (issue 4: no figure more than 10%% worse)." % (
              fmt_num(ss.get("scale")), fmt_num(ls.get("scale")), fmt_num(ss.get("records_after")), fmt_num(ls.get("records_after"))),
          ]
+    interleaved = bool(ss.get("interleaved"))
+    if interleaved:
+        L += ["", "The two sizes were two stores, interleaved (bench.sh `INTERLEAVE=1`): each scenario ran at one size, then against the floor, then at the other size, "
+              "the small store first in odd rounds and the large one first in even rounds, so that a change in the machine's speed over minutes falls on both sizes alike."]
     if nr > 1:
         L += ["", "Each pass ran its scenarios %d times, round-robin; every figure is the median over the rounds (batch ran once per pass, in the last round), so a ratio is one of medians. The per-round p99s are under *Rounds* below." % nr]
     L += [
@@ -1024,17 +1034,22 @@ def compare(small, large, out):
     if nr > 1:
         L += ["", "## Rounds", "",
               "*> 1.10 ×* is the share of (small round, large round) pairs in which the large round's p99 is more than 1.10 × the small round's; "
-              "*p* is the chance of a share at least that large if the large pass's rounds were no different from 1.10 × the small pass's.", "",
-              "| scenario | figure | p99 per round, small | p99 per round, large | > 1.10 × | p |", "|---|---|---|---|---:|---:|"]
+              "*p* is the chance of a share at least that large if the large pass's rounds were no different from 1.10 × the small pass's." +
+              (" *Paired* is each round's large p99 over the same round's small p99: the two ran minutes apart." if interleaved else ""), "",
+              "| scenario | figure | p99 per round, small | p99 per round, large | > 1.10 × | p |" + (" paired |" if interleaved else ""),
+              "|---|---|---|---|---:|---:|" + ("---|" if interleaved else "")]
         for r in rows:
             if r.get("is_rate"):
                 continue
             fr = lambda xs: " / ".join(fmt_ms(x) for x in (xs or []) if x is not None) or "–"
             share, pv = r.get("rounds_share_over"), r.get("rounds_p")
-            L.append("| %s | %s | %s | %s | %s | %s |" % (
+            line = "| %s | %s | %s | %s | %s | %s |" % (
                 r["scenario"], r["figure"], fr(r.get("p99_rounds_small")), fr(r.get("p99_rounds_large")),
                 "%.0f%%" % (100 * share) if share is not None else "–",
-                ("**%.3f**" if pv <= SIGNIFICANCE else "%.3f") % pv if pv is not None else "–"))
+                ("**%.3f**" if pv <= SIGNIFICANCE else "%.3f") % pv if pv is not None else "–")
+            if interleaved:
+                line += " %s |" % (" / ".join(paired_ratios(r.get("p99_rounds_small"), r.get("p99_rounds_large"))) or "–")
+            L.append(line)
     L.append("")
     L.append("Details: [small](%s/report.md), [large](%s/report.md)." % (os.path.relpath(small, out), os.path.relpath(large, out)))
     md = "\n".join(L) + "\n"

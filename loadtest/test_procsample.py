@@ -1,6 +1,7 @@
 """Tests of procsample.py's sampling (`python3 -m unittest discover -s loadtest`,
 part of `make test`). The sampler reads this test's own process from /proc."""
 import os
+import subprocess
 import sys
 import tempfile
 import unittest
@@ -55,3 +56,16 @@ class PssEvery(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class SecondStore(unittest.TestCase):
+    def test_a_service_of_the_small_stores_stack_is_its_own_group(self):
+        child = subprocess.Popen(["sleep", "30"], env=dict(os.environ, BENCH_STORE="small"))
+        try:
+            self.assertEqual(procsample.classify(str(child.pid), "query-api", {}), "query-api@small")
+            self.assertEqual(procsample.classify(str(os.getpid()), "query-api", {}), "query-api")
+            # only the services are told apart: postgres backends serve both stores
+            self.assertEqual(procsample.classify(str(child.pid), "postgres", {}), "postgres")
+        finally:
+            child.kill()
+            child.wait()

@@ -249,15 +249,16 @@ class CompareMedians(unittest.TestCase):
         self.assertFalse(row["pass"])
         self.assertIn("10.0 ms / 30.0 ms / 11.0 ms", md)
 
-    def compare_rounds(self, small, large):
+    def compare_rounds(self, small, large, interleaved=False):
         with tempfile.TemporaryDirectory() as out:
             dirs = {}
             for scale, p99s in (("small", small), ("large", large)):
                 d = os.path.join(out, scale)
                 os.makedirs(d)
-                merged = report.merge_rounds([result("list", x) for x in p99s])
+                merged = report.merge_rounds([result("list", x) if x is not None else None for x in p99s])
+                sj = {"scale": 1, "interleaved": True} if interleaved else {"scale": 1}
                 with open(os.path.join(d, "figures.json"), "w") as f:
-                    json.dump({"scale": {"scale": 1}, "rounds": len(p99s), "results": [merged]}, f)
+                    json.dump({"scale": sj, "rounds": len(p99s), "results": [merged]}, f)
                 dirs[scale] = d
             with contextlib.redirect_stdout(io.StringIO()):
                 report.compare(dirs["small"], dirs["large"], out)
@@ -265,6 +266,16 @@ class CompareMedians(unittest.TestCase):
                 row = json.load(f)["rows"][0]
             with open(os.path.join(out, "compare.md")) as f:
                 return row, f.read()
+
+    def test_interleaved_stores_show_each_rounds_pair(self):
+        # the same VM slowing down over the run moves both sizes alike: the
+        # pairs say so where the pooled medians cannot
+        row, md = self.compare_rounds([4.0, 8.0, 16.0], [4.2, 8.4, None], interleaved=True)
+        self.assertIn("two stores, interleaved", md)
+        self.assertIn("| 1.05 / 1.05 |", md)
+        _, plain = self.compare_rounds([4.0, 8.0, 16.0], [4.2, 8.4, 16.8])
+        self.assertNotIn("interleaved", plain)
+        self.assertNotIn("paired", plain)
 
     def test_rounds_all_more_than_ten_percent_worse_are_shown_so(self):
         # every large round above 1.1 x every small round: the least likely split of 252
