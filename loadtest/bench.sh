@@ -203,9 +203,11 @@ drop_small_dbs() {
   done
 }
 
+SMALL_PREFIX=""
 start_small_stack() {
   local dir="$OUT/small-stack" run_id t0 u
   run_id="$(date -u +%Y%m%d%H%M%S)"
+  SMALL_PREFIX="cqrs-bench-small-$run_id:"
   for u in "$S_CMD_URL" "$S_QUERY_URL" "$S_PROJECTOR_URL"; do
     curl -fsS -m 2 -o /dev/null "$u/readyz" 2>/dev/null && die "something already answers on $u: a second stack left running? (SMALL_PORTS=$SMALL_PORTS)"
   done
@@ -217,14 +219,14 @@ start_small_stack() {
   # BENCH_STORE tells procsample.py its services from the large store's.
   env LOCAL_DIR="$dir" SKIP_BUILD=1 BENCH_STORE=small \
     DATABASE_URL="$S_DATABASE_URL" READ_DATABASE_URLS="$S_READ_DATABASE_URLS" \
-    REDIS_PREFIX="cqrs-bench-small-$run_id:" AMQP_EXCHANGE="cqrs.bench-small.records" \
+    REDIS_PREFIX="$SMALL_PREFIX" AMQP_EXCHANGE="cqrs.bench-small.records" \
     AMQP_QUEUE="cqrs.bench-small.$run_id" AMQP_QUEUE_EXPIRES_MS=600000 \
     COMMAND_API_PORT="$SMALL_PORTS" QUERY_API_PORT="$((SMALL_PORTS + 1))" \
     PROJECTOR_PORT="$((SMALL_PORTS + 2))" GATEWAY_PORT="$((SMALL_PORTS + 3))" \
     setsid "$ROOT/deploy/local/up.sh" >"$dir/up.log" 2>&1 </dev/null &
   SMALL_STACK_PID=$!
   t0=$(date +%s)
-  until ready "$S_CMD_URL" && ready "$S_QUERY_URL" && ready "$S_PROJECTOR_URL"; do
+  until ready "$S_CMD_URL" 2>/dev/null && ready "$S_QUERY_URL" 2>/dev/null && ready "$S_PROJECTOR_URL" 2>/dev/null; do
     kill -0 "$SMALL_STACK_PID" 2>/dev/null || { tail -20 "$dir/up.log" >&2; SMALL_STACK_PID=""; die "the small store's stack did not start (above; $dir/up.log)"; }
     [ $(($(date +%s) - t0)) -lt 180 ] || { tail -20 "$dir/up.log" >&2; die "the small store's stack was not ready after 180 s ($dir/up.log)"; }
     sleep 1
@@ -244,6 +246,24 @@ stop_small_stack() {
   kill -0 "$SMALL_STACK_PID" 2>/dev/null && kill -KILL -- "-$SMALL_STACK_PID" 2>/dev/null
   SMALL_STACK_PID=""
   drop_small_dbs
+  drop_small_keys
+}
+
+# The small store's cache entries would otherwise stay in Redis for their
+# TTL (a day): a store after its batch run is gigabytes.
+drop_small_keys() {
+  local url="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+  [ -n "$SMALL_PREFIX" ] || return 0
+  if ! command -v redis-cli >/dev/null; then
+    log "redis-cli not found: the small store's keys ($SMALL_PREFIX*) stay in Redis until they expire"
+    return 0
+  fi
+  log "deleting the small store's keys ($SMALL_PREFIX*) from Redis"
+  # One UNLINK per thousand keys, all through one redis-cli.
+  redis-cli -u "$url" --scan --pattern "$SMALL_PREFIX*" 2>/dev/null |
+    awk 'NR % 1000 == 1 { if (NR > 1) print ""; printf "UNLINK" } { printf " %s", $0 } END { if (NR) print "" }' |
+    redis-cli -u "$url" >/dev/null 2>&1 ||
+    log "could not delete the small store's keys ($SMALL_PREFIX*) from Redis"
 }
 
 # use_stack small|large: point every URL, the seed and the id pool at one store.
