@@ -54,14 +54,15 @@ class PssEvery(unittest.TestCase):
         self.assertEqual(len(own), 4)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class SecondStore(unittest.TestCase):
     def test_a_service_of_the_small_stores_stack_is_its_own_group(self):
-        child = subprocess.Popen(["sleep", "30"], env=dict(os.environ, BENCH_STORE="small"))
+        # Until the child has exec'd, /proc shows the parent's environment
+        # (or nothing, mid-exec): its first line of output says it is past that.
+        child = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
+                                 stdout=subprocess.PIPE,
+                                 env=dict(os.environ, BENCH_STORE="small"))
         try:
+            self.assertEqual(child.stdout.readline(), b"started\n")
             self.assertEqual(procsample.classify(str(child.pid), "query-api", {}), "query-api@small")
             self.assertEqual(procsample.classify(str(os.getpid()), "query-api", {}), "query-api")
             # only the services are told apart: postgres backends serve both stores
@@ -69,3 +70,8 @@ class SecondStore(unittest.TestCase):
         finally:
             child.kill()
             child.wait()
+            child.stdout.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
