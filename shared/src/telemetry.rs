@@ -1,7 +1,7 @@
 //! Logs (`tracing`, JSON with `LOG_FORMAT=json`) and Prometheus metrics: a
 //! request counter and a latency histogram by route pattern and status.
 
-use std::{sync::LazyLock, time::Instant};
+use std::{io::IsTerminal, sync::LazyLock, time::Instant};
 
 use actix_web::{
     body::MessageBody,
@@ -30,7 +30,15 @@ pub fn init_tracing(format: LogFormat) {
                     .flatten_event(true),
             )
             .try_init(),
-        LogFormat::Text => registry.with(fmt::layer().compact()).try_init(),
+        // Colours only on a terminal: the logs of `make up` and of make bench's
+        // seed go to files, where escape codes are noise.
+        LogFormat::Text => registry
+            .with(
+                fmt::layer()
+                    .compact()
+                    .with_ansi(std::io::stdout().is_terminal()),
+            )
+            .try_init(),
     };
 }
 
