@@ -520,9 +520,10 @@ EOF
 }
 
 # --------------------------------------------------------------- one pass
-# pass <dir> <scale> <with floor 0|1>
-pass() {
-  local dir="$1" scale="$2" withfloor="$3"
+# prepare <dir> <scale> [store]: seed up to scale, fetch the id pool (into
+# ID_FILE) and warm up, for the store the URLs point at.
+prepare() {
+  local dir="$1" scale="$2" which="${3:+ ($3)}" n
   mkdir -p "$dir"
   # The top-up counts records by the watermark: let the projector finish
   # the previous pass's burst first, or the seed overshoots (run s15-cmp2
@@ -533,17 +534,22 @@ pass() {
     settle
     quiet_machine "$dir/seed.log"
   fi
-  local n
   if n="$(fetch_ids "$dir/ids.json")" && [ "${n:-0}" -gt 0 ]; then
     ID_FILE="$dir/ids.json"
-    log "id pool: $n ids in $ID_FILE, each read once"
+    log "id pool$which: $n ids in $ID_FILE, each read once"
   else
     ID_FILE=""
-    log "could not fetch an id pool; the read scripts fetch their own in setup()"
+    log "could not fetch an id pool$which; the read scripts fetch their own in setup()"
   fi
-  log "warm-up: mixed at ${WARMUP_RATE}/s for $WARMUP"
+  log "warm-up$which: mixed at ${WARMUP_RATE}/s for $WARMUP"
   run_k6 warmup-mixed "$dir" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
   rm -f "$dir"/warmup-mixed.*
+}
+
+# pass <dir> <scale> <with floor 0|1>
+pass() {
+  local dir="$1" scale="$2" withfloor="$3"
+  prepare "$dir" "$scale"
   local r
   if [ "$ROUNDS" -le 1 ]; then
     scenarios "$dir" "$withfloor" 1
@@ -590,27 +596,11 @@ scenarios() {
 # --------------------------------------------------------------- interleaved
 # prepare_store <small|large> <dir>: seed, id pool and warm-up of one store.
 prepare_store() {
-  local which="$1" dir="$2" scale n
+  local which="$1" dir="$2" scale
   [ "$which" = small ] && scale="$SCALE_SMALL" || scale="$SCALE_LARGE"
   use_stack "$which"
-  mkdir -p "$dir"
-  settle
-  seed_to "$scale" "$dir/seed.log"
-  if [ "$SEEDED" = 1 ]; then
-    settle
-    quiet_machine "$dir/seed.log"
-  fi
-  ID_FILE=""
-  if n="$(fetch_ids "$dir/ids.json")" && [ "${n:-0}" -gt 0 ]; then
-    ID_FILE="$dir/ids.json"
-    log "id pool ($which): $n ids in $ID_FILE, each read once"
-  else
-    log "could not fetch an id pool ($which); the read scripts fetch their own in setup()"
-  fi
+  prepare "$dir" "$scale" "$which"
   if [ "$which" = small ]; then S_ID_FILE="$ID_FILE"; else L_ID_FILE="$ID_FILE"; fi
-  log "warm-up ($which): mixed at ${WARMUP_RATE}/s for $WARMUP"
-  run_k6 warmup-mixed "$dir" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
-  rm -f "$dir"/warmup-mixed.*
 }
 
 # run_at <small|large> <scenario> <round> <floor 0|1>: one run into that
