@@ -18,9 +18,10 @@
 #   COMPARE=0           1: run at SCALE_SMALL=100000, seed up to SCALE_LARGE=10000000, run again
 #   INTERLEAVE=0        1 (with COMPARE=1): keep the small store apart, in a second stack this
 #                       script starts (ports SMALL_PORTS=8180..8183, databases SMALL_DB=cqrs_bench_small
-#                       and <SMALL_DB>_read, dropped before and after), and run each scenario at
-#                       both sizes back to back, in turn first (ABBA): a VM whose speed moves
-#                       over minutes then moves both sizes alike instead of one pass
+#                       and <SMALL_DB>_read, dropped before and after; its Redis keys deleted
+#                       after, with redis-cli), and run each scenario at both sizes back
+#                       to back, in turn first (ABBA): a VM whose speed moves over minutes
+#                       then moves both sizes alike instead of one pass
 #   FLOOR_RUNS=1        0: skip the floor runs; FLOOR_PORT=8099
 #   ROUNDS=1            run the scenarios this many times per pass, round-robin, into
 #                       <pass>/round<N>/; reports and the comparison take each figure's
