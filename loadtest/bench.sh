@@ -648,6 +648,7 @@ interleaved() {
       [ "${FLOOR_BOTH:-0}" = 1 ] && run_at large "$s" "$r" 1
     done
     if [ "$ROUNDS" -gt 1 ]; then
+      mkdir -p "$sdir/round$r" "$ldir/round$r"
       use_stack small
       scale_json "$sdir/round$r/scale.json" "$SCALE_SMALL" "\"round\": $r"
       use_stack large
