@@ -64,7 +64,9 @@ ROOT="$(cd "$HERE/.." && pwd)"
 if [ -n "${OUT:-}" ]; then OUT="$(realpath -m -- "$OUT")"; fi
 cd "$ROOT"
 
-LOCAL_DIR="${LOCAL_DIR:-$ROOT/.local}"
+# The default URLs, URL helpers and LOCAL_DIR that make up and deps.sh use.
+# shellcheck source=../deploy/local/lib.sh
+. "$ROOT/deploy/local/lib.sh"
 if [ -f "$LOCAL_DIR/env" ]; then
   set -a
   # shellcheck disable=SC1091
@@ -182,24 +184,17 @@ S_CMD_URL="http://127.0.0.1:$SMALL_PORTS"
 S_QUERY_URL="http://127.0.0.1:$((SMALL_PORTS + 1))"
 S_PROJECTOR_URL="http://127.0.0.1:$((SMALL_PORTS + 2))"
 S_GATEWAY_URL="http://127.0.0.1:$((SMALL_PORTS + 3))"
-L_DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/cqrs}"
-L_READ_DATABASE_URLS="${READ_DATABASE_URLS:-postgres://postgres@127.0.0.1:5432/cqrs_read}"
-
-# db_url_named <url> <name>: the same server and options, another database.
-db_url_named() {
-  local url="$1" query=""
-  case "$url" in *\?*) query="?${url#*\?}" url="${url%%\?*}" ;; esac
-  echo "${url%/*}/$2$query"
-}
-S_DATABASE_URL="$(db_url_named "$L_DATABASE_URL" "$SMALL_DB")"
-S_READ_DATABASE_URLS="$(db_url_named "${L_READ_DATABASE_URLS%%,*}" "${SMALL_DB}_read")"
+L_DATABASE_URL="${DATABASE_URL:-$DEFAULT_DATABASE_URL}"
+L_READ_DATABASE_URLS="${READ_DATABASE_URLS:-$DEFAULT_READ_DATABASE_URLS}"
+S_DATABASE_URL="$(url_with_db "$L_DATABASE_URL" "$SMALL_DB")"
+S_READ_DATABASE_URLS="$(url_with_db "${L_READ_DATABASE_URLS%%,*}" "${SMALL_DB}_read")"
 
 drop_small_dbs() {
   local url db
   for url in "$S_DATABASE_URL" "$S_READ_DATABASE_URLS"; do
-    db="${url%%\?*}"
-    db="${db##*/}"
-    timeout 60 psql "$(db_url_named "$url" postgres)" -Xq -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null ||
+    url_parse "$url"
+    db="$U_PATH"
+    timeout 60 psql "$(pg_admin_url "$url")" -Xq -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null ||
       log "could not drop database $db (psql missing, or not allowed?)"
   done
 }
@@ -209,8 +204,8 @@ start_small_stack() {
   local dir="$OUT/small-stack" run_id t0 u
   run_id="$(date -u +%Y%m%d%H%M%S)"
   SMALL_PREFIX="cqrs-bench-small-$run_id:"
-  for u in "$S_CMD_URL" "$S_QUERY_URL" "$S_PROJECTOR_URL"; do
-    curl -fsS -m 2 -o /dev/null "$u/readyz" 2>/dev/null && die "something already answers on $u: a second stack left running? (SMALL_PORTS=$SMALL_PORTS)"
+  for u in $(seq "$SMALL_PORTS" $((SMALL_PORTS + 3))); do
+    port_free "$u" || die "port $u is taken: a second stack left running? (SMALL_PORTS=$SMALL_PORTS)"
   done
   drop_small_dbs
   mkdir -p "$dir"
@@ -253,7 +248,7 @@ stop_small_stack() {
 # The small store's cache entries would otherwise stay in Redis for their
 # TTL (a day): a store after its batch run is gigabytes.
 drop_small_keys() {
-  local url="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+  local url="${REDIS_URL:-$DEFAULT_REDIS_URL}"
   [ -n "$SMALL_PREFIX" ] || return 0
   if ! command -v redis-cli >/dev/null; then
     log "redis-cli not found: the small store's keys ($SMALL_PREFIX*) stay in Redis until they expire"
@@ -602,6 +597,7 @@ prepare_store() {
   use_stack "$which"
   prepare "$dir" "$scale" "$which"
   if [ "$which" = small ]; then S_ID_FILE="$ID_FILE"; else L_ID_FILE="$ID_FILE"; fi
+  settle # the warm-up's writes
 }
 
 # run_at <small|large> <scenario> <round> <floor 0|1>: one run into that
@@ -611,11 +607,11 @@ run_at() {
   rd="$([ "$1" = small ] && echo "$OUT/small" || echo "$OUT/large")"
   [ "$ROUNDS" -gt 1 ] && rd="$rd/round$3"
   mkdir -p "$rd"
-  # Neither projector may still be catching up while the other is measured.
-  settle "$S_QUERY_URL"
-  settle "$L_QUERY_URL"
   use_stack "$1"
   run_k6 "$2" "$rd" "$4"
+  # Only the store just measured can have a projector catching up, and none
+  # may be while the next run is measured.
+  [ "$4" = 1 ] || settle
   sleep "$COOLDOWN"
 }
 

@@ -91,12 +91,15 @@ pg_answers() {
     fi
 }
 
-# pg_admin_url URL: the same server's `postgres` database.
-pg_admin_url() {
+# url_with_db URL NAME: the same server, user and options, database NAME.
+url_with_db() {
     url_parse "$1" || return 1
-    U_PATH=postgres
+    U_PATH="$2"
     url_build
 }
+
+# pg_admin_url URL: the same server's `postgres` database.
+pg_admin_url() { url_with_db "$1" postgres; }
 
 # redis_answers URL: PING answers PONG.
 redis_answers() {
