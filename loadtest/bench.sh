@@ -18,11 +18,14 @@
 #   COMPARE=0           1: run at SCALE_SMALL=100000, seed up to SCALE_LARGE=10000000, run again
 #   INTERLEAVE=0        1 (with COMPARE=1): keep the small store apart, in a second stack this
 #                       script starts (ports SMALL_PORTS=8180..8183, databases SMALL_DB=cqrs_bench_small
-#                       and <SMALL_DB>_read, dropped before and after; its Redis keys deleted
-#                       after, with redis-cli), and run each scenario at both sizes back
+#                       and <SMALL_DB>_read, dropped before and after; Redis database
+#                       SMALL_REDIS_DB=1 of the same server, its keys deleted after, with
+#                       redis-cli), and run each scenario at both sizes back
 #                       to back, in turn first (ABBA): a VM whose speed moves over minutes
 #                       then moves both sizes alike instead of one pass
 #   FLOOR_RUNS=1        0: skip the floor runs; FLOOR_PORT=8099
+#   FLOOR_BOTH=0        1 (with COMPARE=1): the large pass runs the floor too (interleaved:
+#                       a second floor run after each pair)
 #   ROUNDS=1            run the scenarios this many times per pass, round-robin, into
 #                       <pass>/round<N>/; reports and the comparison take each figure's
 #                       median over the rounds (batch and soak only in the last round)
@@ -84,10 +87,12 @@ SCALE_LARGE="${SCALE_LARGE:-10000000}"
 INTERLEAVE="${INTERLEAVE:-0}"
 SMALL_PORTS="${SMALL_PORTS:-8180}"
 SMALL_DB="${SMALL_DB:-cqrs_bench_small}"
+SMALL_REDIS_DB="${SMALL_REDIS_DB:-1}"
 SCENARIOS="${SCENARIOS:-read_id read_id_6k list freshness mixed write batch}"
 SOAK="${SOAK:-0}"
 SOAK_DURATION="${SOAK_DURATION:-30m}"
 FLOOR_RUNS="${FLOOR_RUNS:-1}"
+FLOOR_BOTH="${FLOOR_BOTH:-0}"
 ROUNDS="${ROUNDS:-1}"
 FLOOR_PORT="${FLOOR_PORT:-8099}"
 RAW="${RAW:-0}"
@@ -149,6 +154,9 @@ rate_of() {
 duration_of() { if [ "$1" = soak ]; then echo "$SOAK_DURATION"; else echo "$DURATION"; fi; }
 
 case "$SMALL_DB" in '' | *[!a-z0-9_]*) die "SMALL_DB must be a database name of a-z, 0-9 and _ (got '$SMALL_DB')" ;; esac
+case "$SMALL_REDIS_DB" in '' | *[!0-9]*) die "SMALL_REDIS_DB must be a Redis database number (got '$SMALL_REDIS_DB')" ;; esac
+# The floor server is started only with FLOOR_RUNS=1.
+[ "$FLOOR_BOTH" = 1 ] && [ "$FLOOR_RUNS" != 1 ] && die "FLOOR_BOTH=1 adds floor runs to FLOOR_RUNS=1's: not with FLOOR_RUNS=$FLOOR_RUNS"
 if [ "$INTERLEAVE" = 1 ]; then
   [ "$COMPARE" = 1 ] || die "INTERLEAVE=1 interleaves the two sizes of COMPARE=1: set COMPARE=1 too"
   [ "$BENCH_SELFTEST" = 1 ] && die "INTERLEAVE=1 starts a second stack of the real services: not with BENCH_SELFTEST=1"
@@ -176,9 +184,11 @@ command -v curl >/dev/null || die "curl is needed"
 # --------------------------------------------------------------- two stores
 # INTERLEAVE=1: the small store lives in a second stack, started here from
 # the same binaries on the same PostgreSQL, Redis and RabbitMQ servers as the
-# stack under test, in databases, a key prefix and a queue of its own. Its
-# databases are dropped before it starts (a store left by an earlier run would
-# hold that run's batch records) and after it stops.
+# stack under test, in databases (PostgreSQL and Redis), a key prefix and a
+# queue of its own. Its databases are dropped before it starts (a store left
+# by an earlier run would hold that run's batch records) and after it stops.
+# A Redis database of its own keeps its cache as small as a store of its size
+# would have, and lets its keys be found without walking the large store's.
 SMALL_STACK_PID=""
 S_CMD_URL="http://127.0.0.1:$SMALL_PORTS"
 S_QUERY_URL="http://127.0.0.1:$((SMALL_PORTS + 1))"
@@ -188,6 +198,7 @@ L_DATABASE_URL="${DATABASE_URL:-$DEFAULT_DATABASE_URL}"
 L_READ_DATABASE_URLS="${READ_DATABASE_URLS:-$DEFAULT_READ_DATABASE_URLS}"
 S_DATABASE_URL="$(url_with_db "$L_DATABASE_URL" "$SMALL_DB")"
 S_READ_DATABASE_URLS="$(url_with_db "${L_READ_DATABASE_URLS%%,*}" "${SMALL_DB}_read")"
+S_REDIS_URL="$(url_with_db "${REDIS_URL:-$DEFAULT_REDIS_URL}" "$SMALL_REDIS_DB")"
 
 drop_small_dbs() {
   local url db
@@ -209,13 +220,13 @@ start_small_stack() {
   done
   drop_small_dbs
   mkdir -p "$dir"
-  log "starting the small store's stack on :$SMALL_PORTS-:$((SMALL_PORTS + 3)) (databases $SMALL_DB, ${SMALL_DB}_read; log $dir/up.log)"
+  log "starting the small store's stack on :$SMALL_PORTS-:$((SMALL_PORTS + 3)) (databases $SMALL_DB, ${SMALL_DB}_read, Redis $SMALL_REDIS_DB; log $dir/up.log)"
   # Its own queue name per run, expiring when unused: a queue an earlier run
   # left behind would hand this store records of a store since dropped.
   # BENCH_STORE tells procsample.py its services from the large store's.
   env LOCAL_DIR="$dir" SKIP_BUILD=1 BENCH_STORE=small \
     DATABASE_URL="$S_DATABASE_URL" READ_DATABASE_URLS="$S_READ_DATABASE_URLS" \
-    REDIS_PREFIX="$SMALL_PREFIX" AMQP_EXCHANGE="cqrs.bench-small.records" \
+    REDIS_URL="$S_REDIS_URL" REDIS_PREFIX="$SMALL_PREFIX" AMQP_EXCHANGE="cqrs.bench-small.records" \
     AMQP_QUEUE="cqrs.bench-small.$run_id" AMQP_QUEUE_EXPIRES_MS=600000 \
     COMMAND_API_PORT="$SMALL_PORTS" QUERY_API_PORT="$((SMALL_PORTS + 1))" \
     PROJECTOR_PORT="$((SMALL_PORTS + 2))" GATEWAY_PORT="$((SMALL_PORTS + 3))" \
@@ -248,13 +259,14 @@ stop_small_stack() {
 # The small store's cache entries would otherwise stay in Redis for their
 # TTL (a day): a store after its batch run is gigabytes.
 drop_small_keys() {
-  local url="${REDIS_URL:-$DEFAULT_REDIS_URL}"
+  local url="$S_REDIS_URL"
   [ -n "$SMALL_PREFIX" ] || return 0
   if ! command -v redis-cli >/dev/null; then
     log "redis-cli not found: the small store's keys ($SMALL_PREFIX*) stay in Redis until they expire"
     return 0
   fi
-  log "deleting the small store's keys ($SMALL_PREFIX*) from Redis"
+  log "deleting the small store's keys ($SMALL_PREFIX*) from Redis database $SMALL_REDIS_DB"
+  # By prefix rather than FLUSHDB: the database may hold someone else's keys.
   # One UNLINK per thousand keys, all through one redis-cli.
   redis-cli -u "$url" --scan --pattern "$SMALL_PREFIX*" 2>/dev/null |
     awk 'NR % 1000 == 1 { if (NR > 1) print ""; printf "UNLINK" } { printf " %s", $0 } END { if (NR) print "" }' |
@@ -641,7 +653,7 @@ interleaved() {
       # moved within a pair.
       [ "$FLOOR_RUNS" = 1 ] && run_at small "$s" "$r" 1
       run_at "$second" "$s" "$r" 0
-      [ "${FLOOR_BOTH:-0}" = 1 ] && run_at large "$s" "$r" 1
+      [ "$FLOOR_BOTH" = 1 ] && run_at large "$s" "$r" 1
     done
     if [ "$ROUNDS" -gt 1 ]; then
       mkdir -p "$sdir/round$r" "$ldir/round$r"
@@ -700,7 +712,7 @@ if [ "$COMPARE" = 1 ]; then
     interleaved
   else
     pass "$OUT/small" "$SCALE_SMALL" "$FLOOR_RUNS"
-    pass "$OUT/large" "$SCALE_LARGE" "${FLOOR_BOTH:-0}"
+    pass "$OUT/large" "$SCALE_LARGE" "$FLOOR_BOTH"
   fi
   python3 "$HERE/report.py" "$OUT/small" --floor-from "$OUT/small" || log "report (small) failed"
   python3 "$HERE/report.py" "$OUT/large" --floor-from "$OUT/small" || log "report (large) failed"
