@@ -15,14 +15,16 @@
 #   RATE                one rate for every scenario (else each its target rate)
 #   RATE_<NAME>         rate of one scenario, e.g. RATE_WRITE=1500 RATE_READ_ID_6K=6000 RATE_BATCH=110
 #   SOAK=0              add the soak (mixed, SOAK_RATE=1000/s for SOAK_DURATION=30m)
-#   COMPARE=0           1: run at SCALE_SMALL=100000, seed up to SCALE_LARGE=10000000, run again
-#   INTERLEAVE=0        1 (with COMPARE=1): keep the small store apart, in a second stack this
+#   COMPARE=0           1: run at SCALE_SMALL=100000 and at SCALE_LARGE=10000000 records
+#   INTERLEAVE=         1 (the default with COMPARE=1): keep the small store apart, in a second stack this
 #                       script starts (ports SMALL_PORTS=8180..8183, databases SMALL_DB=cqrs_bench_small
 #                       and <SMALL_DB>_read, dropped before and after; Redis database
 #                       SMALL_REDIS_DB=1 of the same server, its keys deleted after, with
 #                       redis-cli), and run each scenario at both sizes back
 #                       to back, in turn first (ABBA): a VM whose speed moves over minutes
-#                       then moves both sizes alike instead of one pass
+#                       then moves both sizes alike instead of one pass. 0: the sizes as two
+#                       passes, one after the other, in the stack you started (the only way
+#                       with BENCH_SELFTEST=1 or a SEED_MODE other than topup)
 #   FLOOR_RUNS=1        0: skip the floor runs; FLOOR_PORT=8099
 #   FLOOR_BOTH=0        1 (with COMPARE=1): the large pass runs the floor too (interleaved:
 #                       a second floor run after each pair)
@@ -84,7 +86,7 @@ WARMUP_RATE="${WARMUP_RATE:-1000}"
 COMPARE="${COMPARE:-0}"
 SCALE_SMALL="${SCALE_SMALL:-100000}"
 SCALE_LARGE="${SCALE_LARGE:-10000000}"
-INTERLEAVE="${INTERLEAVE:-0}"
+INTERLEAVE="${INTERLEAVE:-}"
 SMALL_PORTS="${SMALL_PORTS:-8180}"
 SMALL_DB="${SMALL_DB:-cqrs_bench_small}"
 SMALL_REDIS_DB="${SMALL_REDIS_DB:-1}"
@@ -153,6 +155,19 @@ rate_of() {
 }
 duration_of() { if [ "$1" = soak ]; then echo "$SOAK_DURATION"; else echo "$DURATION"; fi; }
 
+# COMPARE=1 interleaves unless told otherwise or unable to: sequential
+# passes confound the machine's drift with the store's size (loadtest/RUNS.md,
+# "A twenty-fourth run").
+if [ -z "$INTERLEAVE" ]; then
+  INTERLEAVE=0
+  if [ "$COMPARE" = 1 ]; then
+    if [ "$BENCH_SELFTEST" = 1 ] || [ "$SEED_MODE" != topup ]; then
+      log "COMPARE=1 runs its two sizes as passes one after the other (INTERLEAVE=1 needs the real services and SEED_MODE=topup)"
+    else
+      INTERLEAVE=1
+    fi
+  fi
+fi
 case "$SMALL_DB" in '' | *[!a-z0-9_]*) die "SMALL_DB must be a database name of a-z, 0-9 and _ (got '$SMALL_DB')" ;; esac
 case "$SMALL_REDIS_DB" in '' | *[!0-9]*) die "SMALL_REDIS_DB must be a Redis database number (got '$SMALL_REDIS_DB')" ;; esac
 # The floor server is started only with FLOOR_RUNS=1.
