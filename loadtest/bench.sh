@@ -214,6 +214,11 @@ L_READ_DATABASE_URLS="${READ_DATABASE_URLS:-$DEFAULT_READ_DATABASE_URLS}"
 S_DATABASE_URL="$(url_with_db "$L_DATABASE_URL" "$SMALL_DB")"
 S_READ_DATABASE_URLS="$(url_with_db "${L_READ_DATABASE_URLS%%,*}" "${SMALL_DB}_read")"
 S_REDIS_URL="$(url_with_db "${REDIS_URL:-$DEFAULT_REDIS_URL}" "$SMALL_REDIS_DB")"
+if [ "$INTERLEAVE" = 1 ]; then
+  url_parse "${REDIS_URL:-$DEFAULT_REDIS_URL}"
+  [ "${U_PATH:-0}" = "$SMALL_REDIS_DB" ] &&
+    die "the large store's REDIS_URL is Redis database $SMALL_REDIS_DB too: set SMALL_REDIS_DB to another"
+fi
 
 drop_small_dbs() {
   local url db
