@@ -25,14 +25,17 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# The default URLs and the URL helpers that make up and deps.sh use.
+# shellcheck source=../deploy/local/lib.sh
+source deploy/local/lib.sh
 if [[ -f .local/env ]]; then
     # shellcheck disable=SC1091
     source .local/env
 fi
-DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/cqrs}"
-READ_DATABASE_URLS="${READ_DATABASE_URLS:-postgres://postgres@127.0.0.1:5432/cqrs_read}"
-AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
-REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+DATABASE_URL="${DATABASE_URL:-$DEFAULT_DATABASE_URL}"
+READ_DATABASE_URLS="${READ_DATABASE_URLS:-$DEFAULT_READ_DATABASE_URLS}"
+AMQP_URL="${AMQP_URL:-$DEFAULT_AMQP_URL}"
+REDIS_URL="${REDIS_URL:-$DEFAULT_REDIS_URL}"
 
 WORK="$ROOT/.local/edge"
 VENV="${EDGE_VENV:-$ROOT/.local/venv}"
@@ -48,17 +51,6 @@ failed=0
 ok() { passed=$((passed + 1)); echo "ok    $*"; }
 bad() { failed=$((failed + 1)); echo "FAIL  $*"; }
 indent() { sed 's/^/      /'; }
-
-# URL with another database name (query string kept): with_db URL NAME; NAME=postgres gives
-# the maintenance database of that server.
-with_db() {
-    "$PY" - "$1" "$2" <<'EOF'
-import sys
-from urllib.parse import urlsplit, urlunsplit
-u = urlsplit(sys.argv[1])
-print(urlunsplit((u.scheme, u.netloc, "/" + sys.argv[2], u.query, u.fragment)))
-EOF
-}
 
 free_ports() { # free_ports N: N distinct free TCP ports on 127.0.0.1
     "$PY" - "$1" <<'EOF'
@@ -79,10 +71,10 @@ SUFFIX="$("$PY" -c 'import secrets; print(secrets.token_hex(5))')"
 WRITE_DB="cqrs_edge_${SUFFIX}"
 READ_DB="cqrs_edge_${SUFFIX}_read"
 READ_PRIMARY="${READ_DATABASE_URLS%%,*}"
-WRITE_URL="$(with_db "$DATABASE_URL" "$WRITE_DB")"
-READ_URL="$(with_db "$READ_PRIMARY" "$READ_DB")"
-WRITE_ADMIN="$(with_db "$DATABASE_URL" postgres)"
-READ_ADMIN="$(with_db "$READ_PRIMARY" postgres)"
+WRITE_URL="$(url_with_db "$DATABASE_URL" "$WRITE_DB")"
+READ_URL="$(url_with_db "$READ_PRIMARY" "$READ_DB")"
+WRITE_ADMIN="$(pg_admin_url "$DATABASE_URL")"
+READ_ADMIN="$(pg_admin_url "$READ_PRIMARY")"
 
 declare -A PIDS=()
 FINISHED=0
