@@ -279,11 +279,16 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct ports nothing listens on right now: each stays bound until
+/// all are chosen, so the kernel cannot hand out one of them twice.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    listeners.map(|l| l.local_addr().unwrap().port())
 }
 
 /// A workspace binary next to the test executable (target/<profile>/).

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{free_port, Stack};
+use e2e::{free_ports, Stack};
 use serde_json::json;
 
 fn spawn(name: &str, s: &shared::Settings, port: u16) -> tokio::process::Child {
@@ -47,7 +47,7 @@ async fn services_finish_in_flight_work_and_exit_zero_on_sigterm() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let (cp, qp, pp) = (free_port(), free_port(), free_port());
+    let [cp, qp, pp] = free_ports();
     let mut cmd = spawn("command-api", &settings, cp);
     let mut proj = spawn("projector", &settings, pp);
     wait_ready(&http, cp).await;
