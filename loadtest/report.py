@@ -278,6 +278,24 @@ def read_timeline(summ, selectors, limit=None):
     return {"series": series, "width": width, "rps": (xs, [rps[x] for x in xs])}
 
 
+# A bucket with fewer samples has no p99 worth comparing (freshness probes
+# 50 records a second).
+MIN_BUCKET_COUNT = 20
+
+
+def full_bucket_p99s(series):
+    """The p99 of each timeline bucket that holds at least half the median
+    bucket's count (not the partial first and last), in time order."""
+    if not series:
+        return []
+    xs, _p50, p99, _mx, cnt = series
+    counts = sorted(c for c in cnt if c)
+    if not counts:
+        return []
+    least = max(MIN_BUCKET_COUNT, counts[len(counts) // 2] / 2)
+    return [v for v, c in zip(p99, cnt) if c and c >= least and v is not None and v > 0]
+
+
 def timeline_windows_p99(series, n_windows):
     """p99 per window of a timeline, as the median of its buckets' p99s (the
     buckets' samples are not kept, so percentiles cannot be merged exactly)."""
@@ -499,6 +517,12 @@ def figures(d, name, floor_dir=None, plt=None):
     lim = dur_s or None
     tl = read_timeline(summ, sels, lim) if not raw else None
     ftl = read_timeline(fsumm, sels, lim) if not fraw else None
+    # k6 keeps the timelines with RAW=1 too: every figure gets its seconds
+    sec_tl = tl or read_timeline(summ, sels, lim)
+    if sec_tl:
+        sel_of = {label: sel for label, _k, sel in FIGS.get(name, [])}
+        for f in res["figures"]:
+            f["second_p99s"] = full_bucket_p99s(sec_tl["series"].get(sel_of.get(f["label"])))
     if name == "soak" and (raw or tl):
         n = max(2, min(10, int((dur_s or 0) // 60) or 2))
 
@@ -853,6 +877,8 @@ def merge_rounds(by_round):
             m[k] = median([g.get(k) for g in same])
         m["count"] = sum(g.get("count") or 0 for g in same)
         m["p99_rounds"] = [g.get("p99") if g else None for g in aligned]
+        m["second_p99s_rounds"] = [g.get("second_p99s") if g else None for g in aligned]
+        m.pop("second_p99s", None)  # the last round's alone would pass for all of them
         m["target_ok_rounds"] = [g.get("target_ok") if g else None for g in aligned]
         judge_figure(m)
         figs.append(m)
@@ -957,10 +983,129 @@ def rounds_verdict(tested):
     return s
 
 
+# The 97.5% quantiles of Student's t by degrees of freedom (pairs - 1); past
+# ten, the tenth's, a little wider than the true one.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# A second whose p99 is this many times its run's median second counts as slow.
+SLOW_SECOND = 3.0
+
+
+def typical_second(small_rounds, large_rounds):
+    """How much slower the large store's seconds are than the small one's.
+
+    Each run gives one p99 per second (its timeline). Seconds are paired only
+    within a round (the two sizes ran minutes apart there), and the estimate
+    is the Hodges-Lehmann one: the median, over every such pair of seconds,
+    of large / small. Its 95% interval is the wider of two: the rank
+    (Mann-Whitney, stratified by round) interval over those seconds, which
+    takes the seconds as independent, and a t interval over the rounds'
+    own estimates, which catches a machine whose speed moved between rounds
+    more than the seconds within a round show. None without a round in which
+    both sizes have at least five seconds."""
+    pairs = [(a, b) for a, b in zip(small_rounds or [], large_rounds or []) if a and b and len(a) >= 5 and len(b) >= 5]
+    if not pairs:
+        return None
+    pooled, per_round, n_all, var = [], [], 0, 0.0
+    for a, b in pairs:
+        la, lb = [math.log(x) for x in a], [math.log(y) for y in b]
+        d = sorted(y - x for x in la for y in lb)
+        per_round.append(median(d))
+        pooled += d
+        n, m = len(a), len(b)
+        n_all += n * m
+        var += n * m * (n + m + 1) / 12.0
+    pooled.sort()
+    est = median(pooled)
+    k = max(0, int(math.floor(n_all / 2.0 - 1.96 * math.sqrt(var))))
+    lo, hi = pooled[k], pooled[n_all - 1 - k]
+    if len(per_round) >= 2:
+        mean = sum(per_round) / len(per_round)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in per_round) / (len(per_round) - 1))
+        half = T975.get(len(per_round) - 1, T975[10]) * sd / math.sqrt(len(per_round))
+        lo, hi = min(lo, mean - half), max(hi, mean + half)
+
+    def slow(rounds):
+        n = 0
+        for xs in rounds:
+            mid = median(xs)
+            n += sum(1 for x in xs if x > SLOW_SECOND * mid)
+        return n
+    ratio, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
+    return {"second_small": median([median(a) for a, _ in pairs]), "second_large": median([median(b) for _, b in pairs]),
+            "second_ratio": ratio, "second_lo": lo, "second_hi": hi, "second_pairs": len(pairs),
+            "second_round_ratios": [math.exp(x) for x in per_round],
+            "slow_small": slow(a for a, _ in pairs), "slow_large": slow(b for _, b in pairs),
+            "seconds_small": sum(len(a) for a, _ in pairs), "seconds_large": sum(len(b) for _, b in pairs),
+            "second_verdict": "within" if hi <= 1.10 else ("worse" if lo > 1.10 else "open")}
+
+
+SECOND_VERDICT = {"within": "shown ≤ 10% worse", "worse": "**shown > 10% worse**", "open": "cannot tell"}
+
+
+def seconds_section(rows):
+    """compare.md's section on the typical second (rows with a typical_second)."""
+    rs = [r for r in rows if r.get("second_verdict")]
+    if not rs:
+        return []
+    n = {v: sum(1 for r in rs if r["second_verdict"] == v) for v in SECOND_VERDICT}
+    ctrl = any(r.get("floor_second") for r in rs)
+    L = ["", "## The typical second", "",
+         "A run's p99 is set by its slowest few seconds, and here most of those are the load generator's own: k6's garbage "
+         "collector runs every 4-9 s at 3,000 requests/s, and the second it runs in has a p99 several times the others, "
+         "against the static floor as much as against the service (loadtest/RUNS.md, \"A twenty-sixth run\"). "
+         "A larger store would show in every second instead. So the p99 of each second (k6's per-second timelines) is "
+         "compared as well: *ratio* is the median, over every pair of seconds from the same round, of large / small "
+         "(Hodges-Lehmann); its 95%% interval is the wider of a rank interval over the seconds and a t interval over the "
+         "rounds' own ratios. An interval whose top is at most 1.10 shows the figure at most 10%% worse; one whose bottom "
+         "is above 1.10 shows it worse. *Slow* counts the seconds whose p99 is over %g × their run's median second." % SLOW_SECOND,
+         ""]
+    if ctrl:
+        nf = sum(1 for r in rs if r.get("floor_second") and 1 / 1.10 <= r["floor_second"]["second_lo"]
+                 and r["floor_second"]["second_hi"] <= 1.10)
+        L += ["The floor ran twice in each pair (`FLOOR_BOTH=1`), between the two sizes and after them. Compared the same "
+              "way, the second floor run against the first is the method's control, two runs of the same thing: "
+              "for %d of %d figures the floor's interval lies within 10%% either way (0.91–1.10; *floor*: ratio and "
+              "interval)." % (nf, len(rs)), ""]
+    L += ["By the typical second, %d of %d figures are shown at most 10%% worse, %d more than 10%% worse, and %d cannot be "
+          "told from 10%% with these rounds." % (n["within"], len(rs), n["worse"], n["open"]),
+          "",
+          "| scenario | figure | second's p99, small | large | ratio | 95% interval | per round | slow seconds, small / large | verdict |"
+          + (" floor |" if ctrl else ""),
+          "|---|---|---:|---:|---:|---|---|---:|---|" + ("---|" if ctrl else "")]
+    for r in rs:
+        line = "| %s | %s | %s | %s | %.2f | %.2f–%.2f | %s | %d of %d / %d of %d | %s |" % (
+            r["scenario"], r["figure"], fmt_ms(r["second_small"]), fmt_ms(r["second_large"]), r["second_ratio"],
+            r["second_lo"], r["second_hi"], " / ".join("%.2f" % x for x in r["second_round_ratios"]),
+            r["slow_small"], r["seconds_small"], r["slow_large"], r["seconds_large"], SECOND_VERDICT[r["second_verdict"]])
+        if ctrl:
+            fs = r.get("floor_second")
+            line += (" %.2f (%.2f–%.2f) |" % (fs["second_ratio"], fs["second_lo"], fs["second_hi"])) if fs else " – |"
+        L.append(line)
+    return L
+
+
 def paired_ratios(small, large):
     """Each round's large p99 over the same round's small one ("%.2f"), for
     the rounds where both ran."""
     return ["%.2f" % (b / a) for a, b in zip(small or [], large or []) if a and b is not None]
+
+
+def seconds_by_round(fig):
+    """A figure's per-second p99s by round (one round when the pass had none)."""
+    if fig.get("second_p99s_rounds") is not None:
+        return fig["second_p99s_rounds"]
+    return [fig["second_p99s"]] if fig.get("second_p99s") else []
+
+
+def floor_seconds(d, name, sel):
+    """The per-second p99s of the floor runs a pass holds itself, by round."""
+    out = []
+    for rd in round_dirs(d) or [d]:
+        summ = load_json(os.path.join(rd, name + ".floor.json"))
+        meta = load_json(os.path.join(rd, name + ".floor.meta.json")) or {}
+        tl = read_timeline(summ, [sel], parse_duration(meta.get("duration") or "0") or None) if (summ and sel) else None
+        out.append(full_bucket_p99s(tl["series"].get(sel)) if tl else None)
+    return out
 
 
 def compare(small, large, out):
@@ -996,6 +1141,15 @@ def compare(small, large, out):
                               f.get("p99_rounds") or [])
             if test:
                 row["rounds_share_over"], row["rounds_p"] = test
+            typ = typical_second(seconds_by_round(g), seconds_by_round(f))
+            if typ:
+                row.update(typ)
+                sel = next((sel for label, _k, sel in FIGS.get(name, []) if label == f["label"]), None)
+                # FLOOR_BOTH=1: the large pass ran the floor too; the floor
+                # against itself is the method's control
+                ctrl = typical_second(floor_seconds(small, name, sel), floor_seconds(large, name, sel))
+                if ctrl:
+                    row["floor_second"] = {k: ctrl[k] for k in ("second_ratio", "second_lo", "second_hi", "second_verdict")}
             rows.append(row)
         if name == "batch" and a.get("records_per_s") and b.get("records_per_s"):
             ratio = a["records_per_s"] / b["records_per_s"]  # >1: worse at scale
@@ -1050,6 +1204,7 @@ def compare(small, large, out):
             if interleaved:
                 line += " %s |" % (" / ".join(paired_ratios(r.get("p99_rounds_small"), r.get("p99_rounds_large"))) or "–")
             L.append(line)
+    L += seconds_section(rows)
     L.append("")
     L.append("Details: [small](%s/report.md), [large](%s/report.md)." % (os.path.relpath(small, out), os.path.relpath(large, out)))
     md = "\n".join(L) + "\n"

@@ -311,6 +311,116 @@ class CompareMedians(unittest.TestCase):
         self.assertNotIn("Mann", md)
 
 
+def seconds(base, n=30, slow_every=7, slow=4.0):
+    """A run's per-second p99s: `base` with a ~1% wobble, and every
+    `slow_every`-th second `slow` times slower (k6's collector)."""
+    return [base * (slow if i % slow_every == slow_every - 1 else 1.0 + 0.01 * ((i * 7) % 5 - 2)) for i in range(n)]
+
+
+class TypicalSecond(unittest.TestCase):
+    def test_the_same_seconds_in_every_round_are_shown_within_ten_percent(self):
+        rounds = [seconds(0.6), seconds(0.62), seconds(0.58)]
+        t = report.typical_second(rounds, [list(r) for r in rounds])
+        self.assertAlmostEqual(t["second_ratio"], 1.0, places=2)
+        self.assertLess(t["second_hi"], 1.10)
+        self.assertEqual(t["second_verdict"], "within")
+        self.assertEqual(t["second_pairs"], 3)
+
+    def test_every_second_thirty_percent_slower_is_shown_worse(self):
+        small = [seconds(0.6), seconds(0.7), seconds(0.5)]
+        t = report.typical_second(small, [[x * 1.3 for x in r] for r in small])
+        self.assertAlmostEqual(t["second_ratio"], 1.3, places=2)
+        self.assertGreater(t["second_lo"], 1.10)
+        self.assertEqual(t["second_verdict"], "worse")
+
+    def test_slow_seconds_do_not_move_the_typical_second_but_are_counted(self):
+        small = [seconds(0.6, slow_every=1000) for _ in range(3)]
+        large = [seconds(0.6, slow_every=3, slow=10.0) for _ in range(3)]
+        t = report.typical_second(small, large)
+        self.assertEqual(t["slow_small"], 0)
+        self.assertEqual(t["slow_large"], 30)
+        self.assertLess(t["second_ratio"], 1.05)
+
+    def test_rounds_that_disagree_leave_it_open(self):
+        # each round's seconds agree closely within the round, but the rounds'
+        # ratios (1.0, 1.25, 0.8) say the machine moved between them: the t
+        # interval over rounds, not the seconds', decides
+        small = [seconds(0.6), seconds(0.6), seconds(0.6)]
+        large = [seconds(0.6), seconds(0.75), seconds(0.48)]
+        t = report.typical_second(small, large)
+        self.assertEqual(t["second_verdict"], "open")
+        self.assertLess(t["second_lo"], 1.0)
+        self.assertGreater(t["second_hi"], 1.10)
+
+    def test_a_round_without_both_sizes_or_five_seconds_is_left_out(self):
+        self.assertIsNone(report.typical_second([seconds(0.6, n=4)], [seconds(0.6, n=30)]))
+        self.assertIsNone(report.typical_second([None], [seconds(0.6)]))
+        t = report.typical_second([seconds(0.6), None], [seconds(0.6), seconds(0.6)])
+        self.assertEqual(t["second_pairs"], 1)
+
+    def test_partial_and_thin_buckets_are_not_seconds(self):
+        # first and last buckets partial; the 4th has too few samples for a p99
+        series = ([0, 1, 2, 3, 4, 5], None, [9.0, 1.0, 1.1, 50.0, 1.2, 7.0], None, [900, 3000, 3000, 10, 3000, 200])
+        self.assertEqual(report.full_bucket_p99s(series), [1.0, 1.1, 1.2])
+        self.assertEqual(report.full_bucket_p99s(None), [])
+
+    def test_the_comparison_shows_the_typical_second_when_it_has_seconds(self):
+        _, md = CompareMedians().compare_rounds([1.0, 1.1, 1.2], [1.0, 1.1, 1.2])
+        self.assertNotIn("typical second", md)
+        with tempfile.TemporaryDirectory() as out:
+            dirs = {}
+            for scale, base in (("small", 0.6), ("large", 0.61)):
+                d = os.path.join(out, scale)
+                os.makedirs(d)
+                rs = []
+                for i in range(3):
+                    r = result("read_id", 1.5)
+                    r["figures"][0]["second_p99s"] = seconds(base + 0.01 * i)
+                    rs.append(r)
+                with open(os.path.join(d, "figures.json"), "w") as f:
+                    json.dump({"scale": {"scale": 1}, "rounds": 3, "results": [report.merge_rounds(rs)]}, f)
+                dirs[scale] = d
+            with contextlib.redirect_stdout(io.StringIO()):
+                report.compare(dirs["small"], dirs["large"], out)
+            with open(os.path.join(out, "compare.md")) as f:
+                md = f.read()
+        self.assertIn("## The typical second", md)
+        self.assertIn("By the typical second, 1 of 1 figures are shown at most 10% worse", md)
+        self.assertIn("| read_id | GET /data/{id} | 0.61 ms | 0.62 ms | 1.02 |", md)
+        self.assertNotIn("FLOOR_BOTH", md)
+
+    def test_floors_run_in_both_passes_are_the_control(self):
+        def floor_summary(base):
+            mets = {"tl_read_id_%d" % i: {"type": "trend", "values": {"count": 3000, "med": v / 3, "p(99)": v, "max": v * 2}}
+                    for i, v in enumerate(seconds(base))}
+            return {"config": {"timeline": {"width_s": 1, "buckets": 30, "keys": ["read_id"]}}, "metrics": mets}
+        with tempfile.TemporaryDirectory() as out:
+            dirs = {}
+            for scale, base, fbase in (("small", 0.6, 0.3), ("large", 0.6, 0.45)):
+                d = os.path.join(out, scale)
+                rs = []
+                for i in range(3):
+                    rd = os.path.join(d, "round%d" % (i + 1))
+                    os.makedirs(rd)
+                    with open(os.path.join(rd, "read_id.floor.json"), "w") as f:
+                        json.dump(floor_summary(fbase), f)
+                    with open(os.path.join(rd, "read_id.floor.meta.json"), "w") as f:
+                        json.dump({"duration": "30s"}, f)
+                    r = result("read_id", 1.5)
+                    r["figures"][0]["second_p99s"] = seconds(base)
+                    rs.append(r)
+                with open(os.path.join(d, "figures.json"), "w") as f:
+                    json.dump({"scale": {"scale": 1}, "rounds": 3, "results": [report.merge_rounds(rs)]}, f)
+                dirs[scale] = d
+            with contextlib.redirect_stdout(io.StringIO()):
+                report.compare(dirs["small"], dirs["large"], out)
+            with open(os.path.join(out, "compare.md")) as f:
+                md = f.read()
+        # the floor's second run was 1.5 x slower: the control says so
+        self.assertIn("for 0 of 1 figures the floor's interval lies within 10% either way", md)
+        self.assertIn("| shown ≤ 10% worse | 1.50 (1.49–1.51) |", md)
+
+
 class RankSum(unittest.TestCase):
     def test_ties_split_their_ranks_and_equal_samples_show_nothing(self):
         share, p = report.rank_sum_p([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
