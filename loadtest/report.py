@@ -283,9 +283,9 @@ def read_timeline(summ, selectors, limit=None):
 MIN_BUCKET_COUNT = 20
 
 
-def full_bucket_p99s(series):
-    """The p99 of each timeline bucket that holds at least half the median
-    bucket's count (not the partial first and last), in time order."""
+def full_buckets(series):
+    """(start, p99) of each timeline bucket that holds at least half the
+    median bucket's count (not the partial first and last), in time order."""
     if not series:
         return []
     xs, _p50, p99, _mx, cnt = series
@@ -293,7 +293,55 @@ def full_bucket_p99s(series):
     if not counts:
         return []
     least = max(MIN_BUCKET_COUNT, counts[len(counts) // 2] / 2)
-    return [v for v, c in zip(p99, cnt) if c and c >= least and v is not None and v > 0]
+    return [(x, v) for x, v, c in zip(xs, p99, cnt) if c and c >= least and v is not None and v > 0]
+
+
+def full_bucket_p99s(series):
+    return [v for _x, v in full_buckets(series)]
+
+
+# A second whose p99 is this many times its run's median second counts as slow.
+SLOW_SECOND = 3.0
+
+# bench.sh runs k6 with GODEBUG=gctrace=1, which logs a line per garbage
+# collection ("gc 7 @13.711s 0%: ..." since the process started), and the
+# k6 scripts log when their scenario started (lib/common.js).
+GC_LINE = re.compile(r"^gc \d+ @([0-9.]+)s ", re.M)
+SCENARIO_START = re.compile(r"scenario_start_ms=(\d+)")
+
+
+def k6_collections(d, tag, meta):
+    """When k6 collected garbage during a run, in seconds since its scenario
+    started (the timeline's clock); None when the log cannot tell."""
+    try:
+        with open(os.path.join(d, tag + ".k6.log"), errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    m = SCENARIO_START.search(text)
+    if not m or meta.get("start") is None or not GC_LINE.search(text):
+        return None
+    # bench.sh takes `start` just before it starts k6, which is where
+    # gctrace's clock starts too (to a few ms)
+    offset = float(meta["start"]) - int(m.group(1)) / 1000.0
+    return [offset + float(g.group(1)) for g in GC_LINE.finditer(text)]
+
+
+def slow_seconds(series, width, gcs):
+    """How many of a run's full buckets are slow (p99 over SLOW_SECOND x the
+    median bucket's), and how many of those held one of k6's collections
+    (None when they are not known). A collection just before a bucket counts
+    for it: the requests it held up finish in the next one."""
+    full = full_buckets(series)
+    if not full:
+        return None
+    mid = median([v for _x, v in full])
+    slow = [x for x, v in full if v > SLOW_SECOND * mid]
+    with_gc = None
+    if gcs is not None:
+        with_gc = sum(1 for x in slow if any(x - 0.1 <= t < x + width for t in gcs))
+    return {"slow": len(slow), "seconds": len(full), "with_gc": with_gc,
+            "gcs": None if gcs is None else sum(1 for t in gcs if 0 <= t < full[-1][0] + width)}
 
 
 def timeline_windows_p99(series, n_windows):
@@ -519,10 +567,16 @@ def figures(d, name, floor_dir=None, plt=None):
     ftl = read_timeline(fsumm, sels, lim) if not fraw else None
     # k6 keeps the timelines with RAW=1 too: every figure gets its seconds
     sec_tl = tl or read_timeline(summ, sels, lim)
-    if sec_tl:
-        sel_of = {label: sel for label, _k, sel in FIGS.get(name, [])}
-        for f in res["figures"]:
-            f["second_p99s"] = full_bucket_p99s(sec_tl["series"].get(sel_of.get(f["label"])))
+    fsec_tl = (ftl or read_timeline(fsumm, sels, lim)) if fsumm else None
+    gcs, fgcs = k6_collections(d, name, meta), k6_collections(fdir, name + ".floor", fmeta)
+    sel_of = {label: sel for label, _k, sel in FIGS.get(name, [])}
+    for f in res["figures"]:
+        sel = sel_of.get(f["label"])
+        if sec_tl:
+            f["second_p99s"] = full_bucket_p99s(sec_tl["series"].get(sel))
+            f["slow"] = slow_seconds(sec_tl["series"].get(sel), sec_tl["width"], gcs)
+        if fsec_tl:
+            f["floor_slow"] = slow_seconds(fsec_tl["series"].get(sel), fsec_tl["width"], fgcs)
     if name == "soak" and (raw or tl):
         n = max(2, min(10, int((dur_s or 0) // 60) or 2))
 
@@ -736,6 +790,13 @@ def render(d, env, scale, results):
                 f["label"], fmt_num(f["count"]), fmt_ms(f["p50"]), fmt_ms(f["p95"]), fmt_ms(f["p99"]), fmt_ms(f["p999"]),
                 fmt_ms(f["max"]), fmt_ms(f["floor_p50"]), fmt_ms(f["floor_p99"]),
                 fmt_ms(f["target_p99"]) if f["target_p99"] else "–", verdict_txt(f["target_ok"]), "ok" if f["contract_ok"] else "**FAIL**"))
+        slow = [slow_text(f["label"], f["slow"]) for f in r["figures"] if f.get("slow")]
+        if slow and r["name"] != "soak":  # the soak's buckets are many seconds wide
+            fl = [slow_text(f["label"], f["floor_slow"]) for f in r["figures"] if f.get("floor_slow")]
+            L.append("")
+            L.append("Slow seconds, whose p99 is over %g × the run's median second's%s: %s%s." % (
+                SLOW_SECOND, " (rounds added up)" if r.get("rounds", 1) > 1 else "", "; ".join(slow),
+                ("; against the floor: " + "; ".join(fl)) if fl else ""))
         if r.get("drift"):
             L.append("")
             L.append("p99 drift over the soak (first vs last window; %s):" % r.get("drift_method", "raw samples"))
@@ -879,6 +940,8 @@ def merge_rounds(by_round):
         m["p99_rounds"] = [g.get("p99") if g else None for g in aligned]
         m["second_p99s_rounds"] = [g.get("second_p99s") if g else None for g in aligned]
         m.pop("second_p99s", None)  # the last round's alone would pass for all of them
+        for k in ("slow", "floor_slow"):
+            m[k] = sum_slow([g.get(k) for g in same])
         m["target_ok_rounds"] = [g.get("target_ok") if g else None for g in aligned]
         judge_figure(m)
         figs.append(m)
@@ -889,6 +952,25 @@ def merge_rounds(by_round):
         base["verdict"] = verdict_of(base)
     base.pop("plot", None)
     return base
+
+
+def sum_slow(counts):
+    """slow_seconds() of several rounds, added up (None where none had them)."""
+    counts = [c for c in counts if c]
+    if not counts:
+        return None
+    out = {k: sum(c[k] for c in counts) for k in ("slow", "seconds")}
+    for k in ("with_gc", "gcs"):
+        out[k] = None if any(c.get(k) is None for c in counts) else sum(c[k] for c in counts)
+    return out
+
+
+def slow_text(label, c):
+    """One figure's slow seconds, as a phrase for report.md."""
+    s = "%s %d of %d" % (label, c["slow"], c["seconds"])
+    if c.get("with_gc") is not None:
+        s += " (%d held one of k6's %d collections)" % (c["with_gc"], c["gcs"])
+    return s
 
 
 def count_of(oks):
@@ -986,10 +1068,6 @@ def rounds_verdict(tested):
 # The 97.5% quantiles of Student's t by degrees of freedom (pairs - 1); past
 # ten, the tenth's, a little wider than the true one.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-# A second whose p99 is this many times its run's median second counts as slow.
-SLOW_SECOND = 3.0
-
-
 def typical_second(small_rounds, large_rounds):
     """How much slower the large store's seconds are than the small one's.
 

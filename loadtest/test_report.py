@@ -421,6 +421,40 @@ class TypicalSecond(unittest.TestCase):
         self.assertIn("| shown ≤ 10% worse | 1.50 (1.49–1.51) |", md)
 
 
+class SlowSecondsAndK6Collections(unittest.TestCase):
+    LOG = ("gc 5 @0.321s 6%: 0.044+49+0.013 ms clock, 0.089+1.2/22/0+0.027 ms cpu, 461->543->109 MB, 536 MB goal, 2 P\n"
+           "time=\"2026-12-05T19:45:00Z\" level=info msg=\"scenario_start_ms=1000000001000\" source=console\n"
+           "gc 6 @4.55s 0%: 0.062+22+0.011 ms clock, 0.12+2.2/9.3/30+0.023 ms cpu, 1058->1058->45 MB, 1203 MB goal, 2 P\n"
+           "gc 7 @9.05s 0%: 0.096+23+0.012 ms clock, 0.19+0.87/5.1/36+0.024 ms cpu, 367->368->46 MB, 503 MB goal, 2 P\n")
+
+    def test_collections_are_put_on_the_scenarios_clock(self):
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "read_id.k6.log"), "w") as f:
+                f.write(self.LOG)
+            # k6 started 1.5 s before its scenario did
+            gcs = report.k6_collections(d, "read_id", {"start": 999999999.5})
+            self.assertIsNone(report.k6_collections(d, "read_id", {}))
+            self.assertIsNone(report.k6_collections(d, "list", {"start": 999999999.5}))
+            with open(os.path.join(d, "read_id.k6.log"), "w") as f:
+                f.write(self.LOG.replace("scenario_start_ms", "started"))
+            self.assertIsNone(report.k6_collections(d, "read_id", {"start": 999999999.5}))
+        self.assertEqual([round(t, 3) for t in gcs], [-1.179, 3.05, 7.55])
+
+    def test_slow_seconds_and_those_that_held_a_collection(self):
+        p99 = [0.5, 0.6, 0.5, 3.0, 0.6, 0.5, 0.6, 2.5, 0.5, 0.55, 4.0, 0.2]
+        cnt = [3000] * 11 + [100]  # the last bucket is partial
+        series = (list(range(12)), None, p99, None, cnt)
+        c = report.slow_seconds(series, 1, [3.05, 6.95, 11.5])
+        # 3 slow of 11 full: second 3 held a collection, second 7 had one
+        # just before it, second 10 none; the one in the partial bucket is not counted
+        self.assertEqual(c, {"slow": 3, "seconds": 11, "with_gc": 2, "gcs": 2})
+        self.assertIsNone(report.slow_seconds(series, 1, None)["with_gc"])
+        merged = report.sum_slow([c, None, c])
+        self.assertEqual(merged, {"slow": 6, "seconds": 22, "with_gc": 4, "gcs": 4})
+        self.assertEqual(report.slow_text("GET /data/{id}", merged), "GET /data/{id} 6 of 22 (4 held one of k6's 4 collections)")
+        self.assertIsNone(report.sum_slow([None]))
+
+
 class RankSum(unittest.TestCase):
     def test_ties_split_their_ranks_and_equal_samples_show_nothing(self):
         share, p = report.rank_sum_p([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
