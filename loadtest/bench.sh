@@ -42,6 +42,8 @@
 #   BENCH_GOMEMLIMIT=2GiB  limit). At Go's defaults k6's collector made most of the floor's
 #                       tail; what the settings gain and cost, and what they did to a soak:
 #                       loadtest/README.md (environment variables of make bench)
+#   BENCH_GCTRACE=1     k6 logs each of its garbage collections (GODEBUG=gctrace=1, a line each), and
+#                       report.py counts the slow seconds that held one; 0: not
 #   RAW=0               1: also keep k6 raw samples (--out csv=...gz); they cost k6 ~10 ms of
 #                       p99 at 3,000/s, so the plots come from per-second Trends by default
 #   SEED_MODE=topup     topup: seed SCALE minus what is there; add: seed SCALE more; skip
@@ -102,6 +104,7 @@ BENCH_THRESHOLDS="${BENCH_THRESHOLDS:-1}"
 SOAK_THRESHOLDS="${SOAK_THRESHOLDS:-0}"
 BENCH_GOGC="${BENCH_GOGC-1000}"
 BENCH_GOMEMLIMIT="${BENCH_GOMEMLIMIT-2GiB}"
+BENCH_GCTRACE="${BENCH_GCTRACE:-1}"
 SEED_MODE="${SEED_MODE:-topup}"
 SEED_ARGS="${SEED_ARGS:-}"
 DISK_CHECK="${DISK_CHECK:-1}"
@@ -534,6 +537,7 @@ run_k6() {
   local t0 t1 rc gc=()
   [ -n "$BENCH_GOGC" ] && gc+=("GOGC=$BENCH_GOGC")
   [ -n "$BENCH_GOMEMLIMIT" ] && gc+=("GOMEMLIMIT=$BENCH_GOMEMLIMIT")
+  [ "$BENCH_GCTRACE" = 1 ] && gc+=("GODEBUG=gctrace=1")
   t0="$(date -u +%s.%N)"
   env "${gc[@]}" K6_CSV_TIME_FORMAT=unix_milli "$K6" run --quiet --no-color "${args[@]}" "$script" >"$dir/$tag.k6.log" 2>&1 &
   K6_PID=$!
@@ -545,7 +549,7 @@ run_k6() {
   wait "$SAMPLER_PID" 2>/dev/null
   SAMPLER_PID=""
   # the text summary (the end of the log)
-  sed -n '/^=== /,$p' "$dir/$tag.k6.log" >&2
+  sed -n '/^=== /,${/^gc [0-9]/!p}' "$dir/$tag.k6.log" >&2
   [ "$rc" = 0 ] || [ "$rc" = 99 ] || log "k6 exited $rc for $tag (see $dir/$tag.k6.log)"
   cat >"$dir/$tag.meta.json" <<EOF
 {"name": "$name", "tag": "$tag", "floor": $([ "$floor" = 1 ] && echo true || echo false), "rate": $rate, "duration": "$dur",

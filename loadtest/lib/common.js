@@ -159,7 +159,12 @@ let scenarioStart = 0;
 export function timeline(key, ms) {
   const ts = TL.keys[key];
   if (!ts) return;
-  if (scenarioStart === 0) scenarioStart = exec.scenario.startTime;
+  if (scenarioStart === 0) {
+    scenarioStart = exec.scenario.startTime;
+    // report.py puts k6's garbage collections (bench.sh: GODEBUG=gctrace=1,
+    // timed from the process's start) on the timeline's clock with this
+    if (exec.vu.idInTest === 1) console.log(`scenario_start_ms=${scenarioStart}`);
+  }
   const i = Math.floor((Date.now() - scenarioStart) / (1000 * TL.width));
   if (i >= 0 && i < ts.length) ts[i].add(ms);
 }
