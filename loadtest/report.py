@@ -969,7 +969,8 @@ def slow_text(label, c):
     """One figure's slow seconds, as a phrase for report.md."""
     s = "%s %d of %d" % (label, c["slow"], c["seconds"])
     if c.get("with_gc") is not None:
-        s += " (%d held one of k6's %d collections)" % (c["with_gc"], c["gcs"])
+        # a collection late in one second counts for the next one as well
+        s += " (%d at one of k6's %d collections)" % (c["with_gc"], c["gcs"])
     return s
 
 
@@ -1129,7 +1130,7 @@ def seconds_section(rows):
     ctrl = any(r.get("floor_second") for r in rs)
     L = ["", "## The typical second", "",
          "A run's p99 is set by its slowest few seconds, and here most of those are the load generator's own: k6's garbage "
-         "collector runs every 4-9 s at 3,000 requests/s, and the second it runs in has a p99 several times the others, "
+         "collector runs every 4-8 s at 3,000 requests/s, and the second it runs in has a p99 several times the others, "
          "against the static floor as much as against the service (loadtest/RUNS.md, \"A twenty-sixth run\"). "
          "A larger store would show in every second instead. So the p99 of each second (k6's per-second timelines) is "
          "compared as well: *ratio* is the median, over every pair of seconds from the same round, of large / small "

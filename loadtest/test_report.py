@@ -364,50 +364,31 @@ class TypicalSecond(unittest.TestCase):
         self.assertEqual(report.full_bucket_p99s(series), [1.0, 1.1, 1.2])
         self.assertEqual(report.full_bucket_p99s(None), [])
 
-    def test_the_comparison_shows_the_typical_second_when_it_has_seconds(self):
-        _, md = CompareMedians().compare_rounds([1.0, 1.1, 1.2], [1.0, 1.1, 1.2])
-        self.assertNotIn("typical second", md)
-        with tempfile.TemporaryDirectory() as out:
-            dirs = {}
-            for scale, base in (("small", 0.6), ("large", 0.61)):
-                d = os.path.join(out, scale)
-                os.makedirs(d)
-                rs = []
-                for i in range(3):
-                    r = result("read_id", 1.5)
-                    r["figures"][0]["second_p99s"] = seconds(base + 0.01 * i)
-                    rs.append(r)
-                with open(os.path.join(d, "figures.json"), "w") as f:
-                    json.dump({"scale": {"scale": 1}, "rounds": 3, "results": [report.merge_rounds(rs)]}, f)
-                dirs[scale] = d
-            with contextlib.redirect_stdout(io.StringIO()):
-                report.compare(dirs["small"], dirs["large"], out)
-            with open(os.path.join(out, "compare.md")) as f:
-                md = f.read()
-        self.assertIn("## The typical second", md)
-        self.assertIn("By the typical second, 1 of 1 figures are shown at most 10% worse", md)
-        self.assertIn("| read_id | GET /data/{id} | 0.61 ms | 0.62 ms | 1.02 |", md)
-        self.assertNotIn("FLOOR_BOTH", md)
-
-    def test_floors_run_in_both_passes_are_the_control(self):
+    @staticmethod
+    def compare_md(bases, step=0.0, floor_bases=None):
+        """compare.md of a small and a large pass of three rounds of read_id
+        whose seconds are seconds(base + step * round), and, with floor_bases,
+        floor runs of their own whose seconds are seconds(floor base)."""
         def floor_summary(base):
             mets = {"tl_read_id_%d" % i: {"type": "trend", "values": {"count": 3000, "med": v / 3, "p(99)": v, "max": v * 2}}
                     for i, v in enumerate(seconds(base))}
             return {"config": {"timeline": {"width_s": 1, "buckets": 30, "keys": ["read_id"]}}, "metrics": mets}
         with tempfile.TemporaryDirectory() as out:
             dirs = {}
-            for scale, base, fbase in (("small", 0.6, 0.3), ("large", 0.6, 0.45)):
+            for j, scale in enumerate(("small", "large")):
                 d = os.path.join(out, scale)
+                os.makedirs(d)
                 rs = []
                 for i in range(3):
-                    rd = os.path.join(d, "round%d" % (i + 1))
-                    os.makedirs(rd)
-                    with open(os.path.join(rd, "read_id.floor.json"), "w") as f:
-                        json.dump(floor_summary(fbase), f)
-                    with open(os.path.join(rd, "read_id.floor.meta.json"), "w") as f:
-                        json.dump({"duration": "30s"}, f)
+                    if floor_bases:
+                        rd = os.path.join(d, "round%d" % (i + 1))
+                        os.makedirs(rd)
+                        with open(os.path.join(rd, "read_id.floor.json"), "w") as f:
+                            json.dump(floor_summary(floor_bases[j]), f)
+                        with open(os.path.join(rd, "read_id.floor.meta.json"), "w") as f:
+                            json.dump({"duration": "30s"}, f)
                     r = result("read_id", 1.5)
-                    r["figures"][0]["second_p99s"] = seconds(base)
+                    r["figures"][0]["second_p99s"] = seconds(bases[j] + step * i)
                     rs.append(r)
                 with open(os.path.join(d, "figures.json"), "w") as f:
                     json.dump({"scale": {"scale": 1}, "rounds": 3, "results": [report.merge_rounds(rs)]}, f)
@@ -415,8 +396,20 @@ class TypicalSecond(unittest.TestCase):
             with contextlib.redirect_stdout(io.StringIO()):
                 report.compare(dirs["small"], dirs["large"], out)
             with open(os.path.join(out, "compare.md")) as f:
-                md = f.read()
+                return f.read()
+
+    def test_the_comparison_shows_the_typical_second_when_it_has_seconds(self):
+        _, md = CompareMedians().compare_rounds([1.0, 1.1, 1.2], [1.0, 1.1, 1.2])
+        self.assertNotIn("typical second", md)
+        md = self.compare_md((0.6, 0.61), step=0.01)
+        self.assertIn("## The typical second", md)
+        self.assertIn("By the typical second, 1 of 1 figures are shown at most 10% worse", md)
+        self.assertIn("| read_id | GET /data/{id} | 0.61 ms | 0.62 ms | 1.02 |", md)
+        self.assertNotIn("FLOOR_BOTH", md)
+
+    def test_floors_run_in_both_passes_are_the_control(self):
         # the floor's second run was 1.5 x slower: the control says so
+        md = self.compare_md((0.6, 0.6), floor_bases=(0.3, 0.45))
         self.assertIn("for 0 of 1 figures the floor's interval lies within 10% either way", md)
         self.assertIn("| shown ≤ 10% worse | 1.50 (1.49–1.51) |", md)
 
@@ -451,7 +444,7 @@ class SlowSecondsAndK6Collections(unittest.TestCase):
         self.assertIsNone(report.slow_seconds(series, 1, None)["with_gc"])
         merged = report.sum_slow([c, None, c])
         self.assertEqual(merged, {"slow": 6, "seconds": 22, "with_gc": 4, "gcs": 4})
-        self.assertEqual(report.slow_text("GET /data/{id}", merged), "GET /data/{id} 6 of 22 (4 held one of k6's 4 collections)")
+        self.assertEqual(report.slow_text("GET /data/{id}", merged), "GET /data/{id} 6 of 22 (4 at one of k6's 4 collections)")
         self.assertIsNone(report.sum_slow([None]))
 
 
