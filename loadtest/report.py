@@ -319,12 +319,13 @@ def k6_collections(d, tag, meta):
     except OSError:
         return None
     m = SCENARIO_START.search(text)
-    if not m or meta.get("start") is None or not GC_LINE.search(text):
+    since_start = [float(t) for t in GC_LINE.findall(text)]
+    if not m or meta.get("start") is None or not since_start:
         return None
     # bench.sh takes `start` just before it starts k6, which is where
     # gctrace's clock starts too (to a few ms)
     offset = float(meta["start"]) - int(m.group(1)) / 1000.0
-    return [offset + float(g.group(1)) for g in GC_LINE.finditer(text)]
+    return [offset + t for t in since_start]
 
 
 def slow_seconds(series, width, gcs):
@@ -965,13 +966,20 @@ def sum_slow(counts):
     return out
 
 
-def slow_text(label, c):
-    """One figure's slow seconds, as a phrase for report.md."""
-    s = "%s %d of %d" % (label, c["slow"], c["seconds"])
+def slow_cell(c):
+    """slow_seconds() (or sum_slow()) as words: "27 of 150 (27 at one of k6's 28 collections)"."""
+    if not c:
+        return "–"
+    s = "%d of %d" % (c["slow"], c["seconds"])
     if c.get("with_gc") is not None:
         # a collection late in one second counts for the next one as well
         s += " (%d at one of k6's %d collections)" % (c["with_gc"], c["gcs"])
     return s
+
+
+def slow_text(label, c):
+    """One figure's slow seconds, as a phrase for report.md."""
+    return "%s %s" % (label, slow_cell(c))
 
 
 def count_of(oks):
@@ -1102,19 +1110,10 @@ def typical_second(small_rounds, large_rounds):
         sd = math.sqrt(sum((x - mean) ** 2 for x in per_round) / (len(per_round) - 1))
         half = T975.get(len(per_round) - 1, T975[10]) * sd / math.sqrt(len(per_round))
         lo, hi = min(lo, mean - half), max(hi, mean + half)
-
-    def slow(rounds):
-        n = 0
-        for xs in rounds:
-            mid = median(xs)
-            n += sum(1 for x in xs if x > SLOW_SECOND * mid)
-        return n
     ratio, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
     return {"second_small": median([median(a) for a, _ in pairs]), "second_large": median([median(b) for _, b in pairs]),
             "second_ratio": ratio, "second_lo": lo, "second_hi": hi, "second_pairs": len(pairs),
             "second_round_ratios": [math.exp(x) for x in per_round],
-            "slow_small": slow(a for a, _ in pairs), "slow_large": slow(b for _, b in pairs),
-            "seconds_small": sum(len(a) for a, _ in pairs), "seconds_large": sum(len(b) for _, b in pairs),
             "second_verdict": "within" if hi <= 1.10 else ("worse" if lo > 1.10 else "open")}
 
 
@@ -1136,7 +1135,8 @@ def seconds_section(rows):
          "compared as well: *ratio* is the median, over every pair of seconds from the same round, of large / small "
          "(Hodges-Lehmann); its 95%% interval is the wider of a rank interval over the seconds and a t interval over the "
          "rounds' own ratios. An interval whose top is at most 1.10 shows the figure at most 10%% worse; one whose bottom "
-         "is above 1.10 shows it worse. *Slow* counts the seconds whose p99 is over %g × their run's median second." % SLOW_SECOND,
+         "is above 1.10 shows it worse. *Slow seconds* counts, over every round, the seconds whose p99 is over %g × their run's "
+         "median second, and how many of them were at one of k6's garbage collections (when its log says)." % SLOW_SECOND,
          ""]
     if ctrl:
         nf = sum(1 for r in rs if r.get("floor_second") and 1 / 1.10 <= r["floor_second"]["second_lo"]
@@ -1152,10 +1152,10 @@ def seconds_section(rows):
           + (" floor |" if ctrl else ""),
           "|---|---|---:|---:|---:|---|---|---:|---|" + ("---|" if ctrl else "")]
     for r in rs:
-        line = "| %s | %s | %s | %s | %.2f | %.2f–%.2f | %s | %d of %d / %d of %d | %s |" % (
+        line = "| %s | %s | %s | %s | %.2f | %.2f–%.2f | %s | %s / %s | %s |" % (
             r["scenario"], r["figure"], fmt_ms(r["second_small"]), fmt_ms(r["second_large"]), r["second_ratio"],
             r["second_lo"], r["second_hi"], " / ".join("%.2f" % x for x in r["second_round_ratios"]),
-            r["slow_small"], r["seconds_small"], r["slow_large"], r["seconds_large"], SECOND_VERDICT[r["second_verdict"]])
+            slow_cell(r.get("slow_small")), slow_cell(r.get("slow_large")), SECOND_VERDICT[r["second_verdict"]])
         if ctrl:
             fs = r.get("floor_second")
             line += (" %.2f (%.2f–%.2f) |" % (fs["second_ratio"], fs["second_lo"], fs["second_hi"])) if fs else " – |"
@@ -1223,6 +1223,7 @@ def compare(small, large, out):
             typ = typical_second(seconds_by_round(g), seconds_by_round(f))
             if typ:
                 row.update(typ)
+                row["slow_small"], row["slow_large"] = g.get("slow"), f.get("slow")
                 sel = next((sel for label, _k, sel in FIGS.get(name, []) if label == f["label"]), None)
                 # FLOOR_BOTH=1: the large pass ran the floor too; the floor
                 # against itself is the method's control
