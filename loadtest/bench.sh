@@ -44,6 +44,10 @@
 #                       loadtest/README.md (environment variables of make bench)
 #   BENCH_GCTRACE=1     k6 logs each of its garbage collections (GODEBUG=gctrace=1, a line each), and
 #                       report.py counts the slow seconds that held one; 0: not
+#   BENCH_PROFILE=""    scenarios (e.g. "batch") whose service run is also sampled with
+#                       `perf record -e cpu-clock -a` for PROFILE_SECONDS=15 s from
+#                       PROFILE_DELAY=5 s into it; cpuprofile.py writes <name>.profile.md
+#                       (each process's share of a core and its top symbols) after the run
 #   RAW=0               1: also keep k6 raw samples (--out csv=...gz); they cost k6 ~10 ms of
 #                       p99 at 3,000/s, so the plots come from per-second Trends by default
 #   SEED_MODE=topup     topup: seed SCALE minus what is there; add: seed SCALE more; skip
@@ -105,6 +109,9 @@ SOAK_THRESHOLDS="${SOAK_THRESHOLDS:-0}"
 BENCH_GOGC="${BENCH_GOGC-1000}"
 BENCH_GOMEMLIMIT="${BENCH_GOMEMLIMIT-2GiB}"
 BENCH_GCTRACE="${BENCH_GCTRACE:-1}"
+BENCH_PROFILE="${BENCH_PROFILE:-}"
+PROFILE_DELAY="${PROFILE_DELAY:-5}"
+PROFILE_SECONDS="${PROFILE_SECONDS:-15}"
 SEED_MODE="${SEED_MODE:-topup}"
 SEED_ARGS="${SEED_ARGS:-}"
 DISK_CHECK="${DISK_CHECK:-1}"
@@ -205,6 +212,14 @@ if ! find_k6; then
   find_k6 || die "k6 installed but not on PATH"
 fi
 command -v curl >/dev/null || die "curl is needed"
+
+# BENCH_PROFILE: the scenarios whose service run perf samples.
+profiled() { [[ " $BENCH_PROFILE " == *" $1 "* ]]; }
+if [ -n "$BENCH_PROFILE" ]; then
+  command -v perf >/dev/null || die "BENCH_PROFILE needs perf (Debian: apt-get install linux-perf)"
+  perf record -q -e cpu-clock -a -o /dev/null -- true >/dev/null 2>&1 ||
+    die "BENCH_PROFILE: perf cannot sample every CPU here (run as root, or lower /proc/sys/kernel/perf_event_paranoid)"
+fi
 
 # --------------------------------------------------------------- two stores
 # INTERLEAVE=1: the small store lives in a second stack, started here from
@@ -328,12 +343,15 @@ S_ID_FILE="" L_ID_FILE=""
 
 # --------------------------------------------------------------- cleanup
 SAMPLER_PID=""
+PROFILER_PID=""
 K6_PID=""
 FLOOR_STARTED=0
 SELFTEST_STARTED=0
 cleanup() {
   [ -n "$K6_PID" ] && kill "$K6_PID" 2>/dev/null
   [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null
+  # perf record is the profiler's child, and would sample on to its end.
+  [ -n "$PROFILER_PID" ] && { pkill -P "$PROFILER_PID" 2>/dev/null; kill "$PROFILER_PID" 2>/dev/null; }
   if [ "$FLOOR_STARTED" = 1 ]; then FLOOR_PORT="$FLOOR_PORT" "$HERE/floor/floor.sh" stop || true; fi
   stop_small_stack
   if [ "$SELFTEST_STARTED" = 1 ]; then
@@ -534,6 +552,10 @@ run_k6() {
   log "run $tag: $(basename "$script") rate=$rate/s duration=$dur target=$([ "$floor" = 1 ] && echo "$FLOOR_URL" || echo "${K6_BASE:-$CMD_URL + $QUERY_URL}") records~${records:-?}"
   python3 "$HERE/procsample.py" "$dir/$tag.procs.csv" &
   SAMPLER_PID=$!
+  if [ "$floor" != 1 ] && profiled "$name"; then
+    python3 "$HERE/cpuprofile.py" record "$dir/$tag" --delay "$PROFILE_DELAY" --seconds "$PROFILE_SECONDS" &
+    PROFILER_PID=$!
+  fi
   local t0 t1 rc gc=()
   [ -n "$BENCH_GOGC" ] && gc+=("GOGC=$BENCH_GOGC")
   [ -n "$BENCH_GOMEMLIMIT" ] && gc+=("GOMEMLIMIT=$BENCH_GOMEMLIMIT")
@@ -548,6 +570,12 @@ run_k6() {
   kill "$SAMPLER_PID" 2>/dev/null
   wait "$SAMPLER_PID" 2>/dev/null
   SAMPLER_PID=""
+  if [ -n "$PROFILER_PID" ]; then
+    # A run shorter than PROFILE_DELAY + PROFILE_SECONDS is waited for.
+    wait "$PROFILER_PID" 2>/dev/null
+    PROFILER_PID=""
+    python3 "$HERE/cpuprofile.py" summarize "$dir/$tag" || log "no CPU profile for $tag"
+  fi
   # the text summary (the end of the log)
   sed -n '/^=== /,${/^gc [0-9]/!p}' "$dir/$tag.k6.log" >&2
   [ "$rc" = 0 ] || [ "$rc" = 99 ] || log "k6 exited $rc for $tag (see $dir/$tag.k6.log)"
@@ -726,6 +754,7 @@ log "results in $OUT"
   echo "  \"damon_pageout\": \"$(damon_pageout)\","
   echo "  \"postgres\": \"$(pg_settings)\","
   echo "  \"k6_gogc\": \"$BENCH_GOGC\", \"k6_gomemlimit\": \"$BENCH_GOMEMLIMIT\","
+  echo "  \"profile\": \"$BENCH_PROFILE\","
   echo "  \"selftest\": $BENCH_SELFTEST"
   echo "}"
 } >"$OUT/env.json"

@@ -110,6 +110,14 @@ def load_json(path):
         return None
 
 
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def parse_duration(s):
     total, found = 0.0, False
     for v, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", str(s)):
@@ -854,6 +862,10 @@ def render(d, env, scale, results):
                     fmt_num(fv.get("cpu_avg"), 0) if fv else "–"))
             L.append("")
             L.append("CPU % is per process group, 100 = one core; postgres is the sum of all its backends (PSS counts shared buffers once).")
+        profile = read_text(os.path.join(d, r["name"] + ".profile.md"))
+        if profile:
+            L.append("")
+            L.append("**CPU profile** (`BENCH_PROFILE`). " + profile.strip())
         if r.get("plot"):
             L.append("")
             L.append("![%s](%s)" % (r["name"], r["plot"]))

@@ -241,6 +241,19 @@ class RunConditions(unittest.TestCase):
         self.assertNotIn("write log's PostgreSQL", report.render("/nonexistent", env, None, []))
 
 
+    def test_a_scenario_shows_its_cpu_profile_when_one_was_taken(self):
+        env = {"k6": "k6 v1.1.0"}
+        write = result("write", 5.0, target_text="")
+        report.judge_figure(write["figures"][0])
+        with tempfile.TemporaryDirectory() as d:
+            self.assertNotIn("CPU profile", report.render(d, env, None, [write]))
+            with open(os.path.join(d, "write.profile.md"), "w") as f:
+                f.write("Where the CPU went: 10 samples.\n\n| process | CPU % | its top symbols (CPU %) |\n")
+            out = report.render(d, env, None, [write])
+            self.assertIn("**CPU profile** (`BENCH_PROFILE`). Where the CPU went: 10 samples.", out)
+            self.assertIn("| process | CPU % | its top symbols (CPU %) |", out)
+
+
 class CompareMedians(unittest.TestCase):
     def test_the_ratio_is_one_of_medians(self):
         row, md = self.compare_rounds([10.0, 30.0, 11.0], [12.0, 12.5, 50.0])
