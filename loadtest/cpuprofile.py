@@ -14,9 +14,10 @@ PREFIX.profile.json and deletes PREFIX.perf.data. (PREFIX.perf-meta.json
 holds how it was recorded; a `*.meta.json` would be taken for a scenario by
 report.py.)
 
-Processes are grouped as procsample.py groups them (every postgres backend
-is postgres, beam.smp is RabbitMQ), except that PostgreSQL is split by what
-each process is: a backend by its database (the write log's and the read
+Processes are grouped by name as procsample.py names them (beam.smp is
+RabbitMQ; the small store's services of an interleaved comparison are not
+told from the large one's, which sit idle while the other runs), except
+that PostgreSQL is split by what each process is: a backend by its database (the write log's and the read
 model's are then told apart) and the server's own processes by their role
 (walwriter, checkpointer). Shares are of one core (100 = a core busy for the
 whole sample), as in report.md's process table. A `[unknown]` symbol is code
@@ -35,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import procsample  # noqa: E402
 
 IDLE = "[idle]"
-# Rows and symbols under this share of a core are summed up, not listed.
+# Processes under this share of a core share one row; symbols under it are left out.
 MIN_ROW = 0.5
 # "postgres: 15/main: postgres cqrs_read 127.0.0.1(41050) idle": user, database.
 PG_BACKEND = re.compile(r"^postgres: (?:\S+: )?\S+ (\S+) \S+\(\d+\)")
