@@ -14,10 +14,10 @@ PREFIX.profile.json and deletes PREFIX.perf.data. (PREFIX.perf-meta.json
 holds how it was recorded; a `*.meta.json` would be taken for a scenario by
 report.py.)
 
-Processes are grouped by name as procsample.py names them (beam.smp is
-RabbitMQ; the small store's services of an interleaved comparison are not
-told from the large one's, which sit idle while the other runs), except
-that PostgreSQL is split by what each process is: a backend by its database (the write log's and the read
+Processes are grouped as procsample.py groups them (beam.smp is RabbitMQ,
+the small store's services are command-api@small and so on, the floor's
+nginx is nginx-floor), except that PostgreSQL is split by what each
+process is: a backend by its database (the write log's and the read
 model's are then told apart) and the server's own processes by their role
 (walwriter, checkpointer). Shares are of one core (100 = a core busy for the
 whole sample), as in report.md's process table. A `[unknown]` symbol is code
@@ -61,14 +61,17 @@ def label(name, cmdline):
 
 
 def snapshot():
-    """pid -> group, for every process now."""
-    out = {}
+    """pid -> group, for every process now, named as procsample.py names it."""
+    out, kinds = {}, {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         name = procsample.proc_name(pid)
-        if name:
-            out[pid] = label(name, procsample.cmdline(pid))
+        if not name:
+            continue
+        if procsample.reclaim_thread(name):
+            name = "kernel-reclaim"
+        out[pid] = label(procsample.classify(pid, name, kinds), procsample.cmdline(pid))
     return out
 
 

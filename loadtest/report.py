@@ -112,7 +112,7 @@ def load_json(path):
 
 def read_text(path):
     try:
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             return f.read()
     except OSError:
         return None
@@ -321,10 +321,8 @@ SCENARIO_START = re.compile(r"scenario_start_ms=(\d+)")
 def k6_collections(d, tag, meta):
     """When k6 collected garbage during a run, in seconds since its scenario
     started (the timeline's clock); None when the log cannot tell."""
-    try:
-        with open(os.path.join(d, tag + ".k6.log"), errors="replace") as f:
-            text = f.read()
-    except OSError:
+    text = read_text(os.path.join(d, tag + ".k6.log"))
+    if text is None:
         return None
     m = SCENARIO_START.search(text)
     since_start = [float(t) for t in GC_LINE.findall(text)]

@@ -1,9 +1,11 @@
 """Tests of cpuprofile.py's grouping and summary (`python3 -m unittest discover -s
 loadtest`, part of `make test`), on `perf script` lines as perf prints them."""
 import os
+import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cpuprofile as prof  # noqa: E402
@@ -97,6 +99,21 @@ class Files(unittest.TestCase):
 
     def test_this_process_is_in_the_snapshot(self):
         self.assertIn(str(os.getpid()), prof.snapshot())
+
+    def test_the_small_stores_services_are_told_apart_as_procsample_tells_them(self):
+        # A child with the small stack's environment, named as a service.
+        env = dict(os.environ, BENCH_STORE="small")
+        child = subprocess.Popen(["sleep", "30"], env=env)
+        try:
+            real = prof.procsample.proc_name
+            with mock.patch.object(prof.procsample, "proc_name",
+                                   lambda pid: "command-api" if pid == str(child.pid) else real(pid)):
+                table = prof.snapshot()
+            self.assertEqual(table[str(child.pid)], "command-api@small")
+            self.assertEqual(table[str(os.getpid())], real(str(os.getpid())))
+        finally:
+            child.kill()
+            child.wait()
 
 
 if __name__ == "__main__":

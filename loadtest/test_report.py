@@ -240,7 +240,6 @@ class RunConditions(unittest.TestCase):
         env["postgres"] = ""  # psql missing or the server unreachable
         self.assertNotIn("write log's PostgreSQL", report.render("/nonexistent", env, None, []))
 
-
     def test_a_scenario_shows_its_cpu_profile_when_one_was_taken(self):
         env = {"k6": "k6 v1.1.0"}
         write = result("write", 5.0, target_text="")
