@@ -31,6 +31,10 @@
 #   ROUNDS=1            run the scenarios this many times per pass, round-robin, into
 #                       <pass>/round<N>/; reports and the comparison take each figure's
 #                       median over the rounds (batch and soak only in the last round)
+#   BATCH_EVERY_ROUND=0 1 (interleaved COMPARE=1 with ROUNDS > 1): batch runs in every round,
+#                       and the small store starts anew at SCALE_SMALL after each round's
+#                       batch pair (a new stack, databases and queue); the large store keeps
+#                       every batch run's ~3 M records, so its later rounds run larger
 #   BENCH_THRESHOLDS=1  0: k6 runs with --no-thresholds; report.py judges the same targets from
 #                       the summary either way. k6 1.1 re-sorts every sample so far of each
 #                       thresholded Trend every 2 s, a cost that grows with the run; measured
@@ -102,6 +106,7 @@ SOAK_DURATION="${SOAK_DURATION:-30m}"
 FLOOR_RUNS="${FLOOR_RUNS:-1}"
 FLOOR_BOTH="${FLOOR_BOTH:-0}"
 ROUNDS="${ROUNDS:-1}"
+BATCH_EVERY_ROUND="${BATCH_EVERY_ROUND:-0}"
 FLOOR_PORT="${FLOOR_PORT:-8099}"
 RAW="${RAW:-0}"
 BENCH_THRESHOLDS="${BENCH_THRESHOLDS:-1}"
@@ -195,6 +200,10 @@ case "$SMALL_REDIS_DB" in '' | *[!0-9]*) die "SMALL_REDIS_DB must be a Redis dat
 # The floor server is started only with FLOOR_RUNS=1.
 [ "$FLOOR_BOTH" = 1 ] && [ "$FLOOR_RUNS" != 1 ] && die "FLOOR_BOTH=1 adds floor runs to FLOOR_RUNS=1's: not with FLOOR_RUNS=$FLOOR_RUNS"
 case "$ROUNDS" in '' | *[!0-9]* | 0) die "ROUNDS must be a whole number of at least 1 (got '$ROUNDS')" ;; esac
+# Only a store of its own can start anew between rounds.
+if [ "$BATCH_EVERY_ROUND" = 1 ] && { [ "$INTERLEAVE" != 1 ] || [ "$ROUNDS" -lt 2 ]; }; then
+  die "BATCH_EVERY_ROUND=1 needs the interleaved COMPARE=1 (the small store in a stack of its own) and ROUNDS of 2 or more"
+fi
 for s in $SCENARIOS; do script_of "$s" >/dev/null || die "unknown scenario '$s' (known: read_id read_id_6k list freshness mixed write batch soak smoke)"; done
 
 # --------------------------------------------------------------- tools
@@ -267,13 +276,16 @@ start_small_stack() {
   drop_small_dbs
   mkdir -p "$dir"
   log "starting the small store's stack on :$SMALL_PORTS-:$((SMALL_PORTS + 3)) (databases $SMALL_DB, ${SMALL_DB}_read, Redis $SMALL_REDIS_DB; log $dir/up.log)"
-  # Its own queue name per run, expiring when unused: a queue an earlier run
-  # left behind would hand this store records of a store since dropped.
+  # Its own queue name per run, expiring a minute after its consumer left: a
+  # queue an earlier run left behind would hand this store records of a
+  # store since dropped, and a stack stopped between rounds
+  # (BATCH_EVERY_ROUND=1) would leave one bound to the exchange, filling
+  # with its successor's records.
   # BENCH_STORE tells procsample.py its services from the large store's.
   env LOCAL_DIR="$dir" SKIP_BUILD=1 BENCH_STORE=small \
     DATABASE_URL="$S_DATABASE_URL" READ_DATABASE_URLS="$S_READ_DATABASE_URLS" \
     REDIS_URL="$S_REDIS_URL" REDIS_PREFIX="$SMALL_PREFIX" AMQP_EXCHANGE="cqrs.bench-small.records" \
-    AMQP_QUEUE="cqrs.bench-small.$run_id" AMQP_QUEUE_EXPIRES_MS=600000 \
+    AMQP_QUEUE="cqrs.bench-small.$run_id" AMQP_QUEUE_EXPIRES_MS=60000 \
     COMMAND_API_PORT="$SMALL_PORTS" QUERY_API_PORT="$((SMALL_PORTS + 1))" \
     PROJECTOR_PORT="$((SMALL_PORTS + 2))" GATEWAY_PORT="$((SMALL_PORTS + 3))" \
     setsid "$ROOT/deploy/local/up.sh" >"$dir/up.log" 2>&1 </dev/null &
@@ -687,6 +699,17 @@ run_at() {
   sleep "$COOLDOWN"
 }
 
+# reset_small_store <dir> <round>: BATCH_EVERY_ROUND=1. A batch run left
+# the small store ~30 times its size; the next round gets one of
+# SCALE_SMALL records again, in a new stack with new databases, key prefix
+# and queue (stop_small_stack drops the old ones).
+reset_small_store() {
+  log "round $2: the small store starts anew at $SCALE_SMALL records (BATCH_EVERY_ROUND=1)"
+  stop_small_stack
+  start_small_stack
+  prepare_store small "$1"
+}
+
 # interleaved: COMPARE=1 with the two sizes in two stores. Each scenario runs
 # at one size, then against the floor, then at the other size; odd rounds
 # start with the small store, even rounds with the large one. The files land
@@ -705,7 +728,10 @@ interleaved() {
     [ "$r" = "$ROUNDS" ] && last=1
     [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($first store first)"
     for s in $SCENARIOS; do
-      case "$s" in batch | soak) [ "$last" = 0 ] && continue ;; esac
+      case "$s" in
+        batch) [ "$last" = 0 ] && [ "$BATCH_EVERY_ROUND" != 1 ] && continue ;;
+        soak) [ "$last" = 0 ] && continue ;;
+      esac
       run_at "$first" "$s" "$r" 0
       # The floor once per pair, between the two sizes (the comparison takes
       # the large store's floors from the small pass); FLOOR_BOTH=1 adds one
@@ -721,6 +747,9 @@ interleaved() {
       scale_json "$sdir/round$r/scale.json" "$SCALE_SMALL" "\"round\": $r"
       use_stack large
       scale_json "$ldir/round$r/scale.json" "$SCALE_LARGE" "\"round\": $r"
+    fi
+    if [ "$BATCH_EVERY_ROUND" = 1 ] && [ "$last" = 0 ] && [[ " $SCENARIOS " == *" batch "* ]]; then
+      reset_small_store "$sdir" "$r"
     fi
   done
   use_stack small

@@ -937,6 +937,8 @@ def merge_rounds(by_round):
     for k in ("achieved_rate", "records_per_s", "floor_records_per_s"):
         if any(r.get(k) is not None for r in runs):
             base[k] = median([r.get(k) for r in runs])
+    if any(r.get("records_per_s") is not None for r in runs):
+        base["records_per_s_rounds"] = [r.get("records_per_s") if r else None for r in by_round]
     for k in ("errors", "requests", "dropped"):
         base[k] = sum(r.get(k) or 0 for r in runs)
     base["error_rate"] = (base["errors"] / base["requests"]) if base["requests"] else 0.0
@@ -1015,10 +1017,12 @@ def report_rounds(d, rounds, floor_dir=None, quiet=False):
     scale = load_json(os.path.join(d, "scale.json"))
     md = render(d, env, scale, results)
     n = len(rounds)
+    batch_runs = next((r["rounds"] for r in results if r["name"] == "batch"), n)
     L = ["", "## Rounds", "",
-         "The scenarios ran %d times, round-robin (bench.sh `ROUNDS=%d`); every figure above is the median over the rounds it ran in (batch: the last round only). "
+         "The scenarios ran %d times, round-robin (bench.sh `ROUNDS=%d`); every figure above is the median over the rounds it ran in%s. " % (
+             n, n, " (batch: the last round only)" if batch_runs == 1 < n else "") +
          "p99 per round; *p99 in target*: the rounds whose p99 met the figure's target; *verdict*: the rounds whose whole verdict passed "
-         "(target, ≥ 99%% of the rate, < 1%% errors; for mixed traffic the contract):" % (n, n),
+         "(target, ≥ 99% of the rate, < 1% errors; for mixed traffic the contract):",
          "", "| scenario | figure | " + " | ".join("round %d" % (i + 1) for i in range(n)) + " | median | max/min | p99 in target | verdict |",
          "|---|---|" + "---:|" * n + "---:|---:|---:|---:|"]
     for r in results:
@@ -1030,6 +1034,10 @@ def report_rounds(d, rounds, floor_dir=None, quiet=False):
             L.append("| %s | %s | %s | %s | %s | %s | %s |" % (
                 r["name"], f["label"], " | ".join(cells), fmt_ms(f["p99"]), spread,
                 count_of(f.get("target_ok_rounds")), count_of(r.get("verdict_rounds")) if i == 0 else ""))
+    after = [(load_json(os.path.join(rd, "scale.json")) or {}).get("records_after") for rd in rounds]
+    if any(a is not None for a in after):
+        # a store that batch runs grow (BATCH_EVERY_ROUND=1) is larger in each round
+        L += ["", "Records in the store after each round (watermark): %s." % " / ".join(fmt_num(a) if a is not None else "–" for a in after)]
     L.append("")
     L.append("Each round's report, with plots and process figures: " + ", ".join(
         "[%s](%s/report.md)" % (os.path.basename(rd), os.path.basename(rd)) for rd in rounds) + ".")
@@ -1173,6 +1181,29 @@ def seconds_section(rows):
     return L
 
 
+def rate_rounds(small, large):
+    """A throughput's paired rounds (batch in every round, BATCH_EVERY_ROUND=1):
+    each round's small / large records/s, their geometric mean and a 95% t
+    interval over them (>1: slower at scale). A throughput has no seconds to
+    pair, so the rounds are its only samples. None with fewer than two."""
+    logs = [math.log(a / b) for a, b in zip(small or [], large or []) if a and b]
+    if len(logs) < 2:
+        return None
+    mean = sum(logs) / len(logs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1))
+    half = T975.get(len(logs) - 1, T975[10]) * sd / math.sqrt(len(logs))
+    hi = math.exp(mean + half)
+    lo = math.exp(mean - half)
+    return {"rate_pairs": len(logs), "rate_round_ratios": [math.exp(x) for x in logs], "rate_ratio": math.exp(mean),
+            "rate_lo": lo, "rate_hi": hi, "rate_verdict": "within" if hi <= 1.10 else ("worse" if lo > 1.10 else "open")}
+
+
+def rate_rounds_line(r):
+    return ("%s %s over %d paired rounds (small / large by round: %s): %.2f, 95%% interval %.2f–%.2f (t over the rounds), %s." % (
+        r["scenario"], r["figure"], r["rate_pairs"], " / ".join("%.2f" % x for x in r["rate_round_ratios"]),
+        r["rate_ratio"], r["rate_lo"], r["rate_hi"], SECOND_VERDICT[r["rate_verdict"]]))
+
+
 def paired_ratios(small, large):
     """Each round's large p99 over the same round's small one ("%.2f"), for
     the rounds where both ran."""
@@ -1243,8 +1274,12 @@ def compare(small, large, out):
             rows.append(row)
         if name == "batch" and a.get("records_per_s") and b.get("records_per_s"):
             ratio = a["records_per_s"] / b["records_per_s"]  # >1: worse at scale
-            rows.append({"scenario": name, "figure": "records/s (small/large)", "p99_small": a["records_per_s"],
-                         "p99_large": b["records_per_s"], "p99_ratio": ratio, "pass": ratio <= 1.10, "is_rate": True})
+            row = {"scenario": name, "figure": "records/s (small/large)", "p99_small": a["records_per_s"],
+                   "p99_large": b["records_per_s"], "p99_ratio": ratio, "pass": ratio <= 1.10, "is_rate": True}
+            paired = rate_rounds(a.get("records_per_s_rounds"), b.get("records_per_s_rounds"))
+            if paired:
+                row.update(paired)
+            rows.append(row)
     ss = (s.get("scale") or {})
     ls = (l.get("scale") or {})
     nr = max(s.get("rounds") or 1, l.get("rounds") or 1)
@@ -1257,7 +1292,9 @@ def compare(small, large, out):
         L += ["", "The two sizes were two stores, interleaved (bench.sh `INTERLEAVE=1`): each scenario ran at one size, then against the floor, then at the other size, "
               "the small store first in odd rounds and the large one first in even rounds, so that a change in the machine's speed over minutes falls on both sizes alike."]
     if nr > 1:
-        L += ["", "Each pass ran its scenarios %d times, round-robin; every figure is the median over the rounds (batch ran once per pass, in the last round), so a ratio is one of medians. The per-round p99s are under *Rounds* below." % nr]
+        batch_once = any(r.get("is_rate") and not r.get("rate_pairs") for r in rows)
+        L += ["", "Each pass ran its scenarios %d times, round-robin; every figure is the median over the rounds%s, so a ratio is one of medians. The per-round p99s are under *Rounds* below." % (
+            nr, " (batch ran once per pass, in the last round)" if batch_once else "")]
     L += [
          "", "| scenario | figure | p50 small | p50 large | p99 small | p99 large | p99 ratio | p95 ratio | max ratio | verdict |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -1275,6 +1312,9 @@ def compare(small, large, out):
     tested = [r for r in rows if r.get("rounds_p") is not None]
     if tested:
         L += ["", rounds_verdict(tested)]
+    for r in rows:
+        if r.get("rate_pairs"):
+            L += ["", rate_rounds_line(r)]
     if nr > 1:
         L += ["", "## Rounds", "",
               "*> 1.10 ×* is the share of (small round, large round) pairs in which the large round's p99 is more than 1.10 × the small round's; "

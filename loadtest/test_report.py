@@ -322,6 +322,46 @@ class CompareMedians(unittest.TestCase):
         self.assertNotIn("rounds_p", row)
         self.assertNotIn("Mann", md)
 
+    def compare_batch(self, small, large):
+        """compare() over batch results whose records/s per round are given
+        (None: batch did not run in that round)."""
+        with tempfile.TemporaryDirectory() as out:
+            dirs = {}
+            for scale, rates in (("small", small), ("large", large)):
+                d = os.path.join(out, scale)
+                os.makedirs(d)
+                merged = report.merge_rounds([result("batch", 900.0, records_per_s=x) if x is not None else None for x in rates])
+                with open(os.path.join(d, "figures.json"), "w") as f:
+                    json.dump({"scale": {"scale": 1, "interleaved": True}, "rounds": len(rates), "results": [merged]}, f)
+                dirs[scale] = d
+            with contextlib.redirect_stdout(io.StringIO()):
+                report.compare(dirs["small"], dirs["large"], out)
+            with open(os.path.join(out, "compare.json")) as f:
+                row = next(r for r in json.load(f)["rows"] if r.get("is_rate"))
+            with open(os.path.join(out, "compare.md")) as f:
+                return row, f.read()
+
+    def test_batch_in_every_round_pairs_its_records_per_second(self):
+        # BATCH_EVERY_ROUND=1: five pairs within 2% of each other
+        row, md = self.compare_batch([100e3, 98e3, 104e3, 101e3, 99e3], [99e3, 99e3, 102e3, 100e3, 98e3])
+        self.assertEqual(row["rate_pairs"], 5)
+        self.assertEqual(row["rate_verdict"], "within")
+        self.assertLess(row["rate_hi"], 1.10)
+        self.assertIn("batch records/s (small/large) over 5 paired rounds", md)
+        self.assertIn("shown ≤ 10% worse", md)
+        self.assertNotIn("batch ran once per pass", md)
+
+    def test_batch_records_per_second_far_lower_at_scale_are_shown_worse(self):
+        row, _ = self.compare_batch([100e3, 102e3, 99e3], [80e3, 81e3, 79e3])
+        self.assertEqual(row["rate_verdict"], "worse")
+        self.assertGreater(row["rate_lo"], 1.10)
+
+    def test_batch_in_the_last_round_only_has_no_pairs_and_says_so(self):
+        row, md = self.compare_batch([None, None, 100e3], [None, None, 95e3])
+        self.assertNotIn("rate_pairs", row)
+        self.assertIn("batch ran once per pass, in the last round", md)
+        self.assertNotIn("paired rounds", md)
+
 
 def seconds(base, n=30, slow_every=7, slow=4.0):
     """A run's per-second p99s: `base` with a ~1% wobble, and every
