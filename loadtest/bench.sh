@@ -204,6 +204,16 @@ case "$ROUNDS" in '' | *[!0-9]* | 0) die "ROUNDS must be a whole number of at le
 if [ "$BATCH_EVERY_ROUND" = 1 ] && { [ "$INTERLEAVE" != 1 ] || [ "$ROUNDS" -lt 2 ]; }; then
   die "BATCH_EVERY_ROUND=1 needs the interleaved COMPARE=1 (the small store in a stack of its own) and ROUNDS of 2 or more"
 fi
+# The small store starts anew at the end of a round: a scenario after batch
+# would run on a small store of millions.
+if [ "$BATCH_EVERY_ROUND" = 1 ]; then
+  after="" seen=0
+  for s in $SCENARIOS; do
+    [ "$seen" = 1 ] && [ "$s" != soak ] && after="$after $s"
+    [ "$s" = batch ] && seen=1
+  done
+  [ -z "$after" ] || die "BATCH_EVERY_ROUND=1: list batch last in SCENARIOS (the soak may follow it), not before$after"
+fi
 for s in $SCENARIOS; do script_of "$s" >/dev/null || die "unknown scenario '$s' (known: read_id read_id_6k list freshness mixed write batch soak smoke)"; done
 
 # --------------------------------------------------------------- tools
