@@ -1094,6 +1094,13 @@ def rounds_verdict(tested):
 
 # The 97.5% quantiles of Student's t by degrees of freedom (pairs - 1); past
 # ten, the tenth's, a little wider than the true one.
+def t_interval(xs):
+    """The mean of xs (two or more) and the half-width of its 95% t interval."""
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return mean, T975.get(len(xs) - 1, T975[10]) * sd / math.sqrt(len(xs))
+
+
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 def typical_second(small_rounds, large_rounds):
     """How much slower the large store's seconds are than the small one's.
@@ -1124,9 +1131,7 @@ def typical_second(small_rounds, large_rounds):
     k = max(0, int(math.floor(n_all / 2.0 - 1.96 * math.sqrt(var))))
     lo, hi = pooled[k], pooled[n_all - 1 - k]
     if len(per_round) >= 2:
-        mean = sum(per_round) / len(per_round)
-        sd = math.sqrt(sum((x - mean) ** 2 for x in per_round) / (len(per_round) - 1))
-        half = T975.get(len(per_round) - 1, T975[10]) * sd / math.sqrt(len(per_round))
+        mean, half = t_interval(per_round)
         lo, hi = min(lo, mean - half), max(hi, mean + half)
     ratio, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
     return {"second_small": median([median(a) for a, _ in pairs]), "second_large": median([median(b) for _, b in pairs]),
@@ -1189,11 +1194,8 @@ def rate_rounds(small, large):
     logs = [math.log(a / b) for a, b in zip(small or [], large or []) if a and b]
     if len(logs) < 2:
         return None
-    mean = sum(logs) / len(logs)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1))
-    half = T975.get(len(logs) - 1, T975[10]) * sd / math.sqrt(len(logs))
-    hi = math.exp(mean + half)
-    lo = math.exp(mean - half)
+    mean, half = t_interval(logs)
+    lo, hi = math.exp(mean - half), math.exp(mean + half)
     return {"rate_pairs": len(logs), "rate_round_ratios": [math.exp(x) for x in logs], "rate_ratio": math.exp(mean),
             "rate_lo": lo, "rate_hi": hi, "rate_verdict": "within" if hi <= 1.10 else ("worse" if lo > 1.10 else "open")}
 
