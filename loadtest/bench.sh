@@ -137,6 +137,8 @@ FLOOR_URL="http://127.0.0.1:$FLOOR_PORT"
 
 [ "$SOAK" = 1 ] && SCENARIOS="$SCENARIOS soak"
 
+# listed <word> <list>: the word is one of the list's.
+listed() { [[ " $2 " == *" $1 "* ]]; }
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 # log, and append the line to a file the report reads (the seed log).
 log_to() { local f="$1"; shift; log "$@" 2>&1 | tee -a "$f" >&2; }
@@ -200,13 +202,12 @@ case "$SMALL_REDIS_DB" in '' | *[!0-9]*) die "SMALL_REDIS_DB must be a Redis dat
 # The floor server is started only with FLOOR_RUNS=1.
 [ "$FLOOR_BOTH" = 1 ] && [ "$FLOOR_RUNS" != 1 ] && die "FLOOR_BOTH=1 adds floor runs to FLOOR_RUNS=1's: not with FLOOR_RUNS=$FLOOR_RUNS"
 case "$ROUNDS" in '' | *[!0-9]* | 0) die "ROUNDS must be a whole number of at least 1 (got '$ROUNDS')" ;; esac
-# Only a store of its own can start anew between rounds.
-if [ "$BATCH_EVERY_ROUND" = 1 ] && { [ "$INTERLEAVE" != 1 ] || [ "$ROUNDS" -lt 2 ]; }; then
-  die "BATCH_EVERY_ROUND=1 needs the interleaved COMPARE=1 (the small store in a stack of its own) and ROUNDS of 2 or more"
-fi
-# The small store starts anew at the end of a round: a scenario after batch
-# would run on a small store of millions.
+# Only a store of its own can start anew between rounds, and it does so at
+# the end of a round: a scenario after batch would run on a small store of
+# millions.
 if [ "$BATCH_EVERY_ROUND" = 1 ]; then
+  [ "$INTERLEAVE" = 1 ] && [ "$ROUNDS" -ge 2 ] ||
+    die "BATCH_EVERY_ROUND=1 needs the interleaved COMPARE=1 (the small store in a stack of its own) and ROUNDS of 2 or more"
   after="" seen=0
   for s in $SCENARIOS; do
     [ "$seen" = 1 ] && [ "$s" != soak ] && after="$after $s"
@@ -233,7 +234,7 @@ fi
 command -v curl >/dev/null || die "curl is needed"
 
 # BENCH_PROFILE: the scenarios whose service run perf samples.
-profiled() { [[ " $BENCH_PROFILE " == *" $1 "* ]]; }
+profiled() { listed "$1" "$BENCH_PROFILE"; }
 if [ -n "$BENCH_PROFILE" ]; then
   command -v perf >/dev/null || die "BENCH_PROFILE needs perf (Debian: apt-get install linux-perf)"
   perf record -q -e cpu-clock -a -o /dev/null -- true >/dev/null 2>&1 ||
@@ -758,7 +759,7 @@ interleaved() {
       use_stack large
       scale_json "$ldir/round$r/scale.json" "$SCALE_LARGE" "\"round\": $r"
     fi
-    if [ "$BATCH_EVERY_ROUND" = 1 ] && [ "$last" = 0 ] && [[ " $SCENARIOS " == *" batch "* ]]; then
+    if [ "$BATCH_EVERY_ROUND" = 1 ] && [ "$last" = 0 ] && listed batch "$SCENARIOS"; then
       reset_small_store "$sdir" "$r"
     fi
   done

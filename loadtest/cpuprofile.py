@@ -66,11 +66,9 @@ def snapshot():
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
-        name = procsample.proc_name(pid)
+        name = procsample.base_name(pid)
         if not name:
             continue
-        if procsample.reclaim_thread(name):
-            name = "kernel-reclaim"
         out[pid] = label(procsample.classify(pid, name, kinds), procsample.cmdline(pid))
     return out
 

@@ -71,6 +71,13 @@ def reclaim_thread(nm):
     return nm.startswith("kswapd") or nm.startswith("kdamond")
 
 
+def base_name(pid):
+    """A process's name, the kernel's reclaim threads as one, before
+    classify() tells the small store's and the floor's apart (None: gone)."""
+    nm = proc_name(pid)
+    return "kernel-reclaim" if nm and reclaim_thread(nm) else nm
+
+
 # bench.sh's INTERLEAVE=1 runs a second stack for the small store, its
 # services started with this in their environment.
 SECOND_STORE = b"BENCH_STORE=small"
@@ -189,9 +196,7 @@ def main():
         for d in os.listdir("/proc"):
             if not d.isdigit():
                 continue
-            nm = proc_name(d)
-            if nm and reclaim_thread(nm):
-                nm = "kernel-reclaim"
+            nm = base_name(d)
             if nm not in groups:
                 continue
             nm = classify(d, nm, kinds)
