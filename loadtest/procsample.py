@@ -176,60 +176,61 @@ def main():
     kinds = {}  # pid -> nginx / nginx-floor
     ptot, pidle, _ = machine()
     pt = time.monotonic()
-    out = open(a.out, "w", buffering=1)
-    out.write("ts,proc,n,cpu_pct,rss_mb,pss_mb\n")
-    while not stop:
-        time.sleep(a.interval)
-        now = time.monotonic()
-        dt = max(1e-6, now - pt)
-        pt = now
-        ts = "%.3f" % time.time()
-        groups = {n: [0, 0.0, 0, 0, False] for n in names}  # n, cpu_s, rss, pss, pss_known
-        if "nginx" in groups:
-            groups["nginx-floor"] = [0, 0.0, 0, 0, False]
-        for sv in SERVICES:
-            if sv in groups:
-                groups[sv + "@small"] = [0, 0.0, 0, 0, False]
-        cur = {}
-        fresh_pss = sample % max(1, a.pss_every) == 0
-        sample += 1
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            nm = base_name(d)
-            if nm not in groups:
-                continue
-            nm = classify(d, nm, kinds)
-            t = cpu_ticks(d)
-            if t is None:
-                continue
-            cur[d] = t
-            g = groups[nm]
-            g[0] += 1
-            if d in prev:
-                g[1] += (t - prev[d]) / TICK
-            rss = rss_of(d)
-            if fresh_pss or d not in pss_cache:
-                pss_cache[d] = pss_of(d)
-            pss = pss_cache[d]
-            g[2] += rss or 0
-            if pss is not None:
-                g[3] += pss
-                g[4] = True
-        prev = cur
-        for d in [d for d in pss_cache if d not in cur]:
-            del pss_cache[d]
-        for nm, g in groups.items():
-            if g[0] == 0:
-                continue
-            out.write("%s,%s,%d,%.1f,%.1f,%s\n" % (
-                ts, nm, g[0], 100.0 * g[1] / dt, g[2] / 2**20, ("%.1f" % (g[3] / 2**20)) if g[4] else ""))
-        tot, idle, used = machine()
-        dtot = max(1, tot - ptot)
-        busy = 100.0 * NCPU * (1 - (idle - pidle) / dtot)
-        ptot, pidle = tot, idle
-        out.write("%s,_machine,%d,%.1f,%.1f,\n" % (ts, NCPU, busy, used / 2**20))
-    out.close()
+    # Closed however the loop ends (SIGTERM sets `stop`; an exception, in
+    # the tests an interrupt, leaves through the `with`).
+    with open(a.out, "w", buffering=1) as out:
+        out.write("ts,proc,n,cpu_pct,rss_mb,pss_mb\n")
+        while not stop:
+            time.sleep(a.interval)
+            now = time.monotonic()
+            dt = max(1e-6, now - pt)
+            pt = now
+            ts = "%.3f" % time.time()
+            groups = {n: [0, 0.0, 0, 0, False] for n in names}  # n, cpu_s, rss, pss, pss_known
+            if "nginx" in groups:
+                groups["nginx-floor"] = [0, 0.0, 0, 0, False]
+            for sv in SERVICES:
+                if sv in groups:
+                    groups[sv + "@small"] = [0, 0.0, 0, 0, False]
+            cur = {}
+            fresh_pss = sample % max(1, a.pss_every) == 0
+            sample += 1
+            for d in os.listdir("/proc"):
+                if not d.isdigit():
+                    continue
+                nm = base_name(d)
+                if nm not in groups:
+                    continue
+                nm = classify(d, nm, kinds)
+                t = cpu_ticks(d)
+                if t is None:
+                    continue
+                cur[d] = t
+                g = groups[nm]
+                g[0] += 1
+                if d in prev:
+                    g[1] += (t - prev[d]) / TICK
+                rss = rss_of(d)
+                if fresh_pss or d not in pss_cache:
+                    pss_cache[d] = pss_of(d)
+                pss = pss_cache[d]
+                g[2] += rss or 0
+                if pss is not None:
+                    g[3] += pss
+                    g[4] = True
+            prev = cur
+            for d in [d for d in pss_cache if d not in cur]:
+                del pss_cache[d]
+            for nm, g in groups.items():
+                if g[0] == 0:
+                    continue
+                out.write("%s,%s,%d,%.1f,%.1f,%s\n" % (
+                    ts, nm, g[0], 100.0 * g[1] / dt, g[2] / 2**20, ("%.1f" % (g[3] / 2**20)) if g[4] else ""))
+            tot, idle, used = machine()
+            dtot = max(1, tot - ptot)
+            busy = 100.0 * NCPU * (1 - (idle - pidle) / dtot)
+            ptot, pidle = tot, idle
+            out.write("%s,_machine,%d,%.1f,%.1f,\n" % (ts, NCPU, busy, used / 2**20))
 
 
 if __name__ == "__main__":
