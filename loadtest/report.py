@@ -1094,6 +1094,9 @@ def rounds_verdict(tested):
 
 # The 97.5% quantiles of Student's t by degrees of freedom (pairs - 1); past
 # ten, the tenth's, a little wider than the true one.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
 def t_interval(xs):
     """The mean of xs (two or more) and the half-width of its 95% t interval."""
     mean = sum(xs) / len(xs)
@@ -1101,7 +1104,6 @@ def t_interval(xs):
     return mean, T975.get(len(xs) - 1, T975[10]) * sd / math.sqrt(len(xs))
 
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 def typical_second(small_rounds, large_rounds):
     """How much slower the large store's seconds are than the small one's.
 
