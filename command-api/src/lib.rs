@@ -1,6 +1,7 @@
 //! The command side: validates records, appends them to the write log in
 //! PostgreSQL and relays them to RabbitMQ through a transactional outbox.
 
+pub mod admission;
 pub mod body;
 pub mod group;
 pub mod metrics;

@@ -1,6 +1,9 @@
 use std::sync::LazyLock;
 
-use prometheus::{register_int_counter_vec_with_registry, IntCounterVec};
+use prometheus::{
+    register_histogram_with_registry, register_int_counter_vec_with_registry,
+    register_int_counter_with_registry, Histogram, IntCounter, IntCounterVec,
+};
 use shared::telemetry::REGISTRY;
 
 /// By path: `fast` (handed over by the request that committed them) or
@@ -12,6 +15,29 @@ pub static RELAYED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "relay_records_published_total",
         "Records the outbox relay published and RabbitMQ confirmed, by path (fast, sweep)",
         &["path"],
+        REGISTRY
+    )
+    .expect("metric")
+});
+
+/// Batch requests answered 503 by admission (a standing queue, or a wait past
+/// `BATCH_QUEUE_MAX_WAIT_MS`) before their bodies were read.
+pub static BATCHES_SHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter_with_registry!(
+        "batch_requests_shed_total",
+        "Batch requests shed by admission before their bodies were read",
+        REGISTRY
+    )
+    .expect("metric")
+});
+
+/// How long admitted batch requests waited for room: near zero while the
+/// instance keeps up, about `BATCH_QUEUE_TARGET_MS` while its queue stands.
+pub static BATCH_ADMISSION_WAIT: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram_with_registry!(
+        "batch_admission_wait_seconds",
+        "Time admitted batch requests waited for room",
+        vec![0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5],
         REGISTRY
     )
     .expect("metric")

@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
 use crate::{
+    admission::{AdmissionSettings, BatchAdmission},
     group::GroupCommitter,
     relay::{self, RelayHandle, RelayStatus},
 };
@@ -17,6 +18,8 @@ pub struct AppState {
     pub db_timeout: Duration,
     pub relay: RelayHandle,
     pub relay_status: Arc<RelayStatus>,
+    /// One per instance, shared by every worker: the bound is the process's.
+    pub batch_admission: BatchAdmission,
 }
 
 pub struct Application {
@@ -57,6 +60,7 @@ impl Application {
             db_timeout: settings.db_request_timeout,
             relay: relay_handle,
             relay_status,
+            batch_admission: BatchAdmission::new(AdmissionSettings::from_settings(&settings)),
         });
         let limit = http::InFlightLimit::new(settings.max_in_flight);
         let guard = shared::auth::Guard::from_settings(&settings, shared::auth::SCOPE_WRITE)?;

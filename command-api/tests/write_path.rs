@@ -560,6 +560,68 @@ async fn overload_is_a_fast_503_not_a_queue() {
     assert_eq!(app.post_json("/data", &record("a")).await.status(), 201);
 }
 
+#[tokio::test]
+async fn a_batch_that_finds_no_room_in_time_is_shed_before_its_parse() {
+    let mut settings = testkit::isolated_settings().await;
+    // Any body takes the whole bound, so one batch at a time.
+    settings.batch_in_flight_bytes = 1;
+    settings.batch_queue_max_wait = Duration::from_millis(200);
+    let app = TestApp::spawn_with(settings).await;
+    // The first batch holds the room while its insert waits on this lock.
+    let mut lock = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE records IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let first = {
+        let (http, url) = (app.http.clone(), format!("{}/data/batch", app.base));
+        let body = json!([record("a"), record("b")]).to_string();
+        tokio::spawn(async move {
+            let res = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            res.status().as_u16()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let res = app.post_json("/data/batch", &json!([record("c")])).await;
+    let waited = started.elapsed();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["retry-after"], "1");
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(1),
+        "waited for room up to BATCH_QUEUE_MAX_WAIT_MS: {waited:?}"
+    );
+
+    lock.commit().await.unwrap();
+    assert_eq!(first.await.unwrap(), 201);
+    assert_eq!(
+        app.count("records").await,
+        2,
+        "the shed batch wrote nothing"
+    );
+    let again = app.post_json("/data/batch", &json!([record("c")])).await;
+    assert_eq!(again.status(), 201, "room again once the first is done");
+    assert_eq!(app.count("records").await, 3);
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("batch_requests_shed_total"), "{metrics}");
+}
+
 fn tokio_stream_from(
     mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
 ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {

@@ -63,6 +63,15 @@ pub struct Settings {
     pub write_group_in_flight: usize,
     /// Records per group commit at most.
     pub write_group_max: usize,
+    /// Bytes of batch bodies worked on at once per instance (0: no bound);
+    /// see command-api's `admission`.
+    pub batch_in_flight_bytes: usize,
+    /// A batch queue whose admitted requests all waited longer than this for
+    /// `batch_queue_interval` is standing: new requests then wait at most this.
+    pub batch_queue_target: Duration,
+    pub batch_queue_interval: Duration,
+    /// The longest a batch request waits for room while the queue is not standing.
+    pub batch_queue_max_wait: Duration,
     pub auth: AuthSettings,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
@@ -150,6 +159,10 @@ impl Settings {
             max_in_flight: var("MAX_IN_FLIGHT", 2_048)?,
             write_group_in_flight: var("WRITE_GROUP_IN_FLIGHT", 1)?,
             write_group_max: var("WRITE_GROUP_MAX", 500)?,
+            batch_in_flight_bytes: var("BATCH_IN_FLIGHT_BYTES", 0)?,
+            batch_queue_target: Duration::from_millis(var("BATCH_QUEUE_TARGET_MS", 50)?),
+            batch_queue_interval: Duration::from_millis(var("BATCH_QUEUE_INTERVAL_MS", 500)?),
+            batch_queue_max_wait: Duration::from_millis(var("BATCH_QUEUE_MAX_WAIT_MS", 200)?),
             auth: AuthSettings {
                 disabled: var("AUTH_DISABLED", false)?,
                 hs256_secret: opt_var("JWT_HS256_SECRET")?,

@@ -107,6 +107,9 @@ pub async fn create_batch(
     require_json(&req)?;
     let idem = idempotency_key(&req)?;
     let body = read_limited(&req, payload, MAX_BATCH_BODY_BYTES).await?;
+    // After the read, so a client that trickles its body holds no room, and
+    // before the parse, which is what a shed body would cost.
+    let _admitted = state.batch_admission.admit(body.len()).await?;
     let records = validation::parse_batch(&body)?;
     let caller = shared::auth::Caller::of(&req);
     let key = idem.map(|key| IdempotencyKey {
