@@ -15,6 +15,10 @@
 //! all waited longer than `target` for a whole `interval` is standing, and
 //! waiting in it only adds delay. While it stands, a new request waits at
 //! most `target`; otherwise up to `max_wait`.
+//!
+//! Off unless `BATCH_IN_FLIGHT_BYTES` is set: on a 2-core VM, a bound small
+//! enough to keep batch answers within 500 ms under overload (2 MiB) also
+//! ingested 2–15% less near capacity (the thirtieth run).
 
 use std::{
     sync::{
@@ -65,7 +69,7 @@ pub struct BatchAdmission {
     first_above: AtomicU64,
     /// Requests waiting for room now.
     waiting: AtomicUsize,
-    /// Microseconds after `epoch` of the latest shed (0: none yet).
+    /// Microseconds after `epoch` of the latest shed (the epoch before any).
     last_shed: AtomicU64,
 }
 
@@ -207,6 +211,15 @@ mod tests {
         }))
     }
 
+    /// A request for `bytes` waiting for room in the background.
+    fn waiter(
+        a: &Arc<BatchAdmission>,
+        bytes: usize,
+    ) -> tokio::task::JoinHandle<Result<Admitted, ApiError>> {
+        let a = a.clone();
+        tokio::spawn(async move { a.admit(bytes).await })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn off_admits_everything_at_once() {
         let a = admission(0);
@@ -256,10 +269,7 @@ mod tests {
         let a = admission(64 * 1024);
         // Admitted requests that waited over the target for a whole interval.
         let held = a.admit(64 * 1024).await.expect("room");
-        let slow = tokio::spawn({
-            let a = a.clone();
-            async move { a.admit(64 * 1024).await }
-        });
+        let slow = waiter(&a, 64 * 1024);
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(held);
         let held = slow.await.unwrap().expect("admitted after 50 ms");
@@ -280,10 +290,7 @@ mod tests {
 
         // Getting in within the target while it stands does not end it: that
         // is what shedding the rest makes every admitted wait.
-        let quick = tokio::spawn({
-            let a = a.clone();
-            async move { a.admit(64 * 1024).await }
-        });
+        let quick = waiter(&a, 64 * 1024);
         tokio::time::sleep(Duration::from_millis(5)).await;
         drop(held);
         let held = quick.await.unwrap().expect("admitted after 5 ms");
