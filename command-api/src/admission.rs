@@ -28,7 +28,7 @@ use std::{
     time::Duration,
 };
 
-use shared::ApiError;
+use shared::{config::BatchAdmissionSettings as AdmissionSettings, ApiError};
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
@@ -38,26 +38,6 @@ use tokio::{
 const UNIT: usize = 1024;
 /// `first_above` when no admitted request has waited longer than the target.
 const NOT_ABOVE: u64 = u64::MAX;
-
-#[derive(Clone, Copy, Debug)]
-pub struct AdmissionSettings {
-    /// Bytes of batch bodies worked on at once; 0 turns the bound off.
-    pub in_flight_bytes: usize,
-    pub target: Duration,
-    pub interval: Duration,
-    pub max_wait: Duration,
-}
-
-impl AdmissionSettings {
-    pub fn from_settings(settings: &shared::Settings) -> Self {
-        Self {
-            in_flight_bytes: settings.batch_in_flight_bytes,
-            target: settings.batch_queue_target,
-            interval: settings.batch_queue_interval,
-            max_wait: settings.batch_queue_max_wait,
-        }
-    }
-}
 
 pub struct BatchAdmission {
     permits: Arc<Semaphore>,
@@ -261,7 +241,9 @@ mod tests {
         let big = a.admit(16 << 20).await.expect("admitted alone");
         assert!(matches!(a.admit(1).await, Err(ApiError::Overloaded)));
         drop(big);
-        a.admit(0).await.expect("an empty body still takes room");
+        a.admit(0)
+            .await
+            .expect("room again once the big one is done");
     }
 
     #[tokio::test(start_paused = true)]

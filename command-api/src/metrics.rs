@@ -21,11 +21,11 @@ pub static RELAYED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 
 /// Batch requests answered 503 by admission (a standing queue, or a wait past
-/// `BATCH_QUEUE_MAX_WAIT_MS`) before their bodies were read.
+/// `BATCH_QUEUE_MAX_WAIT_MS`): read, and not parsed.
 pub static BATCHES_SHED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter_with_registry!(
         "batch_requests_shed_total",
-        "Batch requests shed by admission before their bodies were read",
+        "Batch requests shed by admission before their bodies were parsed",
         REGISTRY
     )
     .expect("metric")

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
 use crate::{
-    admission::{AdmissionSettings, BatchAdmission},
+    admission::BatchAdmission,
     group::GroupCommitter,
     relay::{self, RelayHandle, RelayStatus},
 };
@@ -60,7 +60,7 @@ impl Application {
             db_timeout: settings.db_request_timeout,
             relay: relay_handle,
             relay_status,
-            batch_admission: BatchAdmission::new(AdmissionSettings::from_settings(&settings)),
+            batch_admission: BatchAdmission::new(settings.batch_admission),
         });
         let limit = http::InFlightLimit::new(settings.max_in_flight);
         let guard = shared::auth::Guard::from_settings(&settings, shared::auth::SCOPE_WRITE)?;

@@ -63,18 +63,23 @@ pub struct Settings {
     pub write_group_in_flight: usize,
     /// Records per group commit at most.
     pub write_group_max: usize,
-    /// Bytes of batch bodies worked on at once per instance (0: no bound);
-    /// see command-api's `admission`.
-    pub batch_in_flight_bytes: usize,
-    /// A batch queue whose admitted requests all waited longer than this for
-    /// `batch_queue_interval` is standing: new requests then wait at most this.
-    pub batch_queue_target: Duration,
-    pub batch_queue_interval: Duration,
-    /// The longest a batch request waits for room while the queue is not standing.
-    pub batch_queue_max_wait: Duration,
+    pub batch_admission: BatchAdmissionSettings,
     pub auth: AuthSettings,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
+}
+
+/// The bound on batch bodies in flight; see command-api's `admission`.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchAdmissionSettings {
+    /// Bytes of batch bodies worked on at once per instance (0: no bound).
+    pub in_flight_bytes: usize,
+    /// A queue whose admitted requests all waited longer than this for
+    /// `interval` is standing: new requests then wait at most this.
+    pub target: Duration,
+    pub interval: Duration,
+    /// The longest a batch request waits for room while the queue is not standing.
+    pub max_wait: Duration,
 }
 
 /// Bearer-token settings. Authentication is on unless `AUTH_DISABLED=true`.
@@ -159,10 +164,12 @@ impl Settings {
             max_in_flight: var("MAX_IN_FLIGHT", 2_048)?,
             write_group_in_flight: var("WRITE_GROUP_IN_FLIGHT", 1)?,
             write_group_max: var("WRITE_GROUP_MAX", 500)?,
-            batch_in_flight_bytes: var("BATCH_IN_FLIGHT_BYTES", 0)?,
-            batch_queue_target: Duration::from_millis(var("BATCH_QUEUE_TARGET_MS", 50)?),
-            batch_queue_interval: Duration::from_millis(var("BATCH_QUEUE_INTERVAL_MS", 500)?),
-            batch_queue_max_wait: Duration::from_millis(var("BATCH_QUEUE_MAX_WAIT_MS", 200)?),
+            batch_admission: BatchAdmissionSettings {
+                in_flight_bytes: var("BATCH_IN_FLIGHT_BYTES", 0)?,
+                target: Duration::from_millis(var("BATCH_QUEUE_TARGET_MS", 50)?),
+                interval: Duration::from_millis(var("BATCH_QUEUE_INTERVAL_MS", 500)?),
+                max_wait: Duration::from_millis(var("BATCH_QUEUE_MAX_WAIT_MS", 200)?),
+            },
             auth: AuthSettings {
                 disabled: var("AUTH_DISABLED", false)?,
                 hs256_secret: opt_var("JWT_HS256_SECRET")?,
