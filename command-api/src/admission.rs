@@ -28,6 +28,7 @@ use std::{
     time::Duration,
 };
 
+use prometheus::IntGauge;
 use shared::{config::BatchAdmissionSettings as AdmissionSettings, ApiError};
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -51,11 +52,33 @@ pub struct BatchAdmission {
     waiting: AtomicUsize,
     /// Microseconds after `epoch` of the latest shed (the epoch before any).
     last_shed: AtomicU64,
+    /// `batch_in_flight_bytes`, kept with the bound off too.
+    in_flight: IntGauge,
 }
 
 /// Held while a batch is parsed and appended; dropping it makes the room.
 pub struct Admitted {
     _permit: Option<OwnedSemaphorePermit>,
+    in_flight: IntGauge,
+    bytes: i64,
+}
+
+impl Admitted {
+    fn new(permit: Option<OwnedSemaphorePermit>, in_flight: &IntGauge, bytes: usize) -> Self {
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        in_flight.add(bytes);
+        Self {
+            _permit: permit,
+            in_flight: in_flight.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.in_flight.sub(self.bytes);
+    }
 }
 
 impl BatchAdmission {
@@ -69,6 +92,7 @@ impl BatchAdmission {
             first_above: AtomicU64::new(NOT_ABOVE),
             waiting: AtomicUsize::new(0),
             last_shed: AtomicU64::new(0),
+            in_flight: crate::metrics::BATCH_IN_FLIGHT.clone(),
         }
     }
 
@@ -76,7 +100,7 @@ impl BatchAdmission {
     /// with `Retry-After`).
     pub async fn admit(&self, bytes: usize) -> Result<Admitted, ApiError> {
         if self.capacity == 0 {
-            return Ok(Admitted { _permit: None });
+            return Ok(Admitted::new(None, &self.in_flight, bytes));
         }
         // A body larger than the bound is admitted alone rather than never.
         let weight = u32::try_from(bytes.div_ceil(UNIT))
@@ -88,9 +112,7 @@ impl BatchAdmission {
         if self.waiting.load(Ordering::Acquire) == 0 {
             if let Ok(permit) = self.permits.clone().try_acquire_many_owned(weight) {
                 self.waited(Duration::ZERO);
-                return Ok(Admitted {
-                    _permit: Some(permit),
-                });
+                return Ok(Admitted::new(Some(permit), &self.in_flight, bytes));
             }
         }
         let start = Instant::now();
@@ -109,9 +131,7 @@ impl BatchAdmission {
         match acquired {
             Ok(Ok(permit)) => {
                 self.waited(start.elapsed());
-                Ok(Admitted {
-                    _permit: Some(permit),
-                })
+                Ok(Admitted::new(Some(permit), &self.in_flight, bytes))
             }
             // The semaphore is never closed; either way the answer is a shed.
             Ok(Err(_)) | Err(_) => Err(self.shed()),
@@ -183,12 +203,16 @@ mod tests {
     use super::*;
 
     fn admission(bytes: usize) -> Arc<BatchAdmission> {
-        Arc::new(BatchAdmission::new(AdmissionSettings {
+        let mut a = BatchAdmission::new(AdmissionSettings {
             in_flight_bytes: bytes,
             target: Duration::from_millis(20),
             interval: Duration::from_millis(100),
             max_wait: Duration::from_millis(300),
-        }))
+        });
+        // Its own gauge: the registered one is shared by every test in the
+        // process.
+        a.in_flight = IntGauge::new("in_flight", "test").unwrap();
+        Arc::new(a)
     }
 
     /// A request for `bytes` waiting for room in the background.
@@ -283,5 +307,25 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         a.admit(1024).await.expect("room");
         assert!(!a.standing(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bytes_in_flight_are_counted_with_the_bound_on_or_off() {
+        for bound in [0, 64 * 1024] {
+            let a = admission(bound);
+            let first = a.admit(40 * 1024).await.expect("room");
+            let second = a.admit(1000).await.expect("room");
+            assert_eq!(a.in_flight.get(), 40 * 1024 + 1000, "bound {bound}");
+            drop(first);
+            assert_eq!(a.in_flight.get(), 1000, "bound {bound}");
+            drop(second);
+            assert_eq!(a.in_flight.get(), 0, "bound {bound}");
+        }
+        // A shed body was never in flight.
+        let a = admission(64 * 1024);
+        let held = a.admit(64 * 1024).await.expect("room");
+        assert!(a.admit(1024).await.is_err());
+        assert_eq!(a.in_flight.get(), 64 * 1024);
+        drop(held);
     }
 }

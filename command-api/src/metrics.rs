@@ -2,7 +2,8 @@ use std::sync::LazyLock;
 
 use prometheus::{
     register_histogram_with_registry, register_int_counter_vec_with_registry,
-    register_int_counter_with_registry, Histogram, IntCounter, IntCounterVec,
+    register_int_counter_with_registry, register_int_gauge_with_registry, Histogram, IntCounter,
+    IntCounterVec, IntGauge,
 };
 use shared::telemetry::REGISTRY;
 
@@ -26,6 +27,18 @@ pub static BATCHES_SHED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter_with_registry!(
         "batch_requests_shed_total",
         "Batch requests shed by admission before their bodies were parsed",
+        REGISTRY
+    )
+    .expect("metric")
+});
+
+/// Bytes of batch bodies being parsed and appended now, counted whether or
+/// not `BATCH_IN_FLIGHT_BYTES` bounds them: what to size that bound from
+/// (its right size differs by machine; README, Configuration).
+pub static BATCH_IN_FLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge_with_registry!(
+        "batch_in_flight_bytes",
+        "Bytes of batch request bodies admitted and not yet answered",
         REGISTRY
     )
     .expect("metric")

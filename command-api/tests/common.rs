@@ -59,6 +59,19 @@ impl TestApp {
         self.post(path, body.to_string()).await
     }
 
+    /// The instance's Prometheus text. Each test is a process of its own
+    /// (nextest), so the counts in it are this test's.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("request sent")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(&self.db)

@@ -501,7 +501,7 @@ async fn ops_endpoints() {
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
     assert_eq!(get("/readyz").await.unwrap().status(), 200);
     app.post_json("/data", &record("a")).await;
-    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"http_requests_total{method="POST",route="/data",status="201"}"#),
         "{metrics}"
@@ -573,9 +573,11 @@ async fn a_batch_that_finds_no_room_in_time_is_shed_before_its_parse() {
         .execute(&mut *lock)
         .await
         .unwrap();
+    let first_body = json!([record("a"), record("b")]).to_string();
+    let first_len = first_body.len();
     let first = {
         let (http, url) = (app.http.clone(), format!("{}/data/batch", app.base));
-        let body = json!([record("a"), record("b")]).to_string();
+        let body = first_body;
         tokio::spawn(async move {
             let res = http
                 .post(url)
@@ -599,6 +601,14 @@ async fn a_batch_that_finds_no_room_in_time_is_shed_before_its_parse() {
         waited >= Duration::from_millis(200) && waited < Duration::from_secs(1),
         "waited for room up to BATCH_QUEUE_MAX_WAIT_MS: {waited:?}"
     );
+    // Only the held batch is in flight; the shed one never was.
+    let metrics = app.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == format!("batch_in_flight_bytes {first_len}")),
+        "{metrics}"
+    );
 
     lock.commit().await.unwrap();
     assert_eq!(first.await.unwrap(), 201);
@@ -610,18 +620,14 @@ async fn a_batch_that_finds_no_room_in_time_is_shed_before_its_parse() {
     let again = app.post_json("/data/batch", &json!([record("c")])).await;
     assert_eq!(again.status(), 201, "room again once the first is done");
     assert_eq!(app.count("records").await, 3);
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     // No other test sets a bound, so this shed is the only one counted.
     assert!(
         metrics.lines().any(|l| l == "batch_requests_shed_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == "batch_in_flight_bytes 0"),
         "{metrics}"
     );
 }
