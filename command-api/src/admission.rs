@@ -16,9 +16,11 @@
 //! waiting in it only adds delay. While it stands, a new request waits at
 //! most `target`; otherwise up to `max_wait`.
 //!
-//! Off unless `BATCH_IN_FLIGHT_BYTES` is set: on a 2-core VM, a bound small
-//! enough to keep batch answers within 500 ms under overload (2 MiB) also
-//! ingested 2–15% less near capacity (the thirtieth run).
+//! Off unless `BATCH_IN_FLIGHT_BYTES` is set: the size that keeps batch
+//! answers within 500 ms under overload at the least cost is about a tenth
+//! of a second of the machine's batch bytes at capacity, so it differs by
+//! machine (2 MiB on one 2-core VM, 3–4 MiB on a faster one), and too small
+//! a bound ingests less near capacity (the thirtieth and thirty-first runs).
 
 use std::{
     sync::{
