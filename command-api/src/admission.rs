@@ -116,7 +116,11 @@ impl BatchAdmission {
         )
     }
 
-    fn with_gauges(settings: AdmissionSettings, in_flight: IntGauge, bound_gauge: IntGauge) -> Self {
+    fn with_gauges(
+        settings: AdmissionSettings,
+        in_flight: IntGauge,
+        bound_gauge: IntGauge,
+    ) -> Self {
         let epoch = Instant::now();
         let (permits, bound) = if settings.in_flight_bytes > 0 {
             let kib = kib(settings.in_flight_bytes);
@@ -124,12 +128,7 @@ impl BatchAdmission {
             (Arc::new(Semaphore::new(kib as usize)), Bound::Fixed(kib))
         } else if !settings.in_flight_share.is_zero() {
             let permits = Arc::new(Semaphore::new(kib(Sizing::START) as usize));
-            let sizing = Sizing::new(
-                permits.clone(),
-                settings.in_flight_share,
-                epoch,
-                bound_gauge,
-            );
+            let sizing = Sizing::new(permits.clone(), &settings, epoch, bound_gauge);
             (permits, Bound::Sized(Arc::new(sizing)))
         } else {
             (Arc::new(Semaphore::new(0)), Bound::Off)
@@ -251,6 +250,7 @@ fn micros(epoch: Instant, at: Instant) -> u64 {
 struct Sizing {
     permits: Arc<Semaphore>,
     share: f64,
+    floor: f64,
     epoch: Instant,
     /// Microseconds after `epoch` at which the current window began.
     window_start: AtomicU64,
@@ -277,18 +277,22 @@ impl Sizing {
     /// Long enough to hold tens of batches at capacity, short enough that a
     /// rise in load finds room within a few hundred milliseconds.
     const WINDOW: Duration = Duration::from_millis(250);
-    /// Never below about three of the bench's batches (~310 KB each), so a
-    /// quiet instance admits a burst while its measure catches up.
-    const FLOOR: usize = 1 << 20;
     /// Before anything is measured: about a tenth of a second of a 2-core
     /// VM's batch bytes at capacity (loadtest/RUNS.md, the thirty-first run).
     const START: usize = 4 << 20;
 
-    fn new(permits: Arc<Semaphore>, share: Duration, epoch: Instant, gauge: IntGauge) -> Self {
+    fn new(
+        permits: Arc<Semaphore>,
+        settings: &AdmissionSettings,
+        epoch: Instant,
+        gauge: IntGauge,
+    ) -> Self {
         gauge.set(Self::START as i64);
+        let share = settings.in_flight_share;
         Self {
             permits,
             share: share.as_secs_f64(),
+            floor: settings.in_flight_floor as f64,
             epoch,
             window_start: AtomicU64::new(0),
             answered: AtomicU64::new(0),
@@ -334,7 +338,7 @@ impl Sizing {
         } else {
             state.rate - (state.rate - measured) / 4.0
         };
-        let bytes = (state.rate * self.share).max(Self::FLOOR as f64);
+        let bytes = (state.rate * self.share).max(self.floor);
         let new = kib(bytes as usize);
         let old = self.capacity.swap(new, Ordering::Relaxed);
         if new > old {
@@ -388,6 +392,7 @@ mod tests {
             AdmissionSettings {
                 in_flight_bytes: bytes,
                 in_flight_share: share,
+                in_flight_floor: 1 << 20,
                 target: Duration::from_millis(20),
                 interval: Duration::from_millis(100),
                 max_wait: Duration::from_millis(300),
