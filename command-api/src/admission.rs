@@ -30,8 +30,8 @@
 
 use std::{
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -50,7 +50,7 @@ const NOT_ABOVE: u64 = u64::MAX;
 
 pub struct BatchAdmission {
     permits: Arc<Semaphore>,
-    capacity: u32,
+    bound: Bound,
     settings: AdmissionSettings,
     epoch: Instant,
     /// Microseconds after `epoch` at which admitted requests began to wait
@@ -64,19 +64,33 @@ pub struct BatchAdmission {
     in_flight: IntGauge,
 }
 
+enum Bound {
+    Off,
+    /// KiB, from `BATCH_IN_FLIGHT_BYTES`.
+    Fixed(u32),
+    /// From `BATCH_IN_FLIGHT_MS` and the bytes answered lately.
+    Sized(Arc<Sizing>),
+}
+
 /// Held while a batch is parsed and appended; dropping it makes the room.
 pub struct Admitted {
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
+    sizing: Option<Arc<Sizing>>,
     in_flight: IntGauge,
-    bytes: i64,
+    bytes: usize,
 }
 
 impl Admitted {
-    fn new(permit: Option<OwnedSemaphorePermit>, in_flight: &IntGauge, bytes: usize) -> Self {
-        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
-        in_flight.add(bytes);
+    fn new(
+        permit: Option<OwnedSemaphorePermit>,
+        sizing: Option<Arc<Sizing>>,
+        in_flight: &IntGauge,
+        bytes: usize,
+    ) -> Self {
+        in_flight.add(gauge_value(bytes));
         Self {
-            _permit: permit,
+            permit,
+            sizing,
             in_flight: in_flight.clone(),
             bytes,
         }
@@ -85,42 +99,75 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.in_flight.sub(self.bytes);
+        self.in_flight.sub(gauge_value(self.bytes));
+        // The room first: a shrunken bound forgets permits only once they
+        // are back.
+        drop(self.permit.take());
+        if let Some(sizing) = &self.sizing {
+            sizing.answered(self.bytes);
+        }
     }
+}
+
+fn gauge_value(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 impl BatchAdmission {
     pub fn new(settings: AdmissionSettings) -> Self {
-        let capacity = u32::try_from(settings.in_flight_bytes.div_ceil(UNIT)).unwrap_or(u32::MAX);
-        Self {
-            permits: Arc::new(Semaphore::new(capacity as usize)),
-            capacity,
+        Self::with_gauges(
             settings,
-            epoch: Instant::now(),
+            crate::metrics::BATCH_IN_FLIGHT.clone(),
+            crate::metrics::BATCH_IN_FLIGHT_BOUND.clone(),
+        )
+    }
+
+    fn with_gauges(
+        settings: AdmissionSettings,
+        in_flight: IntGauge,
+        bound_gauge: IntGauge,
+    ) -> Self {
+        let epoch = Instant::now();
+        let (permits, bound) = if settings.in_flight_bytes > 0 {
+            let kib = kib(settings.in_flight_bytes);
+            bound_gauge.set(i64::from(kib) * UNIT as i64);
+            (Arc::new(Semaphore::new(kib as usize)), Bound::Fixed(kib))
+        } else if !settings.in_flight_share.is_zero() {
+            let permits = Arc::new(Semaphore::new(kib(settings.in_flight_floor) as usize));
+            let sizing = Sizing::new(permits.clone(), &settings, epoch, bound_gauge);
+            (permits, Bound::Sized(Arc::new(sizing)))
+        } else {
+            (Arc::new(Semaphore::new(0)), Bound::Off)
+        };
+        Self {
+            permits,
+            bound,
+            settings,
+            epoch,
             first_above: AtomicU64::new(NOT_ABOVE),
             waiting: AtomicUsize::new(0),
             last_shed: AtomicU64::new(0),
-            in_flight: crate::metrics::BATCH_IN_FLIGHT.clone(),
+            in_flight,
         }
     }
 
     /// Waits for room for a body of `bytes`, or answers `Overloaded` (503
     /// with `Retry-After`).
     pub async fn admit(&self, bytes: usize) -> Result<Admitted, ApiError> {
-        if self.capacity == 0 {
-            return Ok(Admitted::new(None, &self.in_flight, bytes));
-        }
+        let (capacity, sizing) = match &self.bound {
+            Bound::Off => return Ok(Admitted::new(None, None, &self.in_flight, bytes)),
+            Bound::Fixed(kib) => (*kib, None),
+            Bound::Sized(sizing) => (sizing.capacity(), Some(sizing.clone())),
+        };
         // A body larger than the bound is admitted alone rather than never.
-        let weight = u32::try_from(bytes.div_ceil(UNIT))
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.capacity);
+        let weight = kib(bytes).clamp(1, capacity.max(1));
         // Room at once only with nobody waiting: a small body must not pass
         // a larger one waiting for the room it needs, nor end a standing
         // queue that it only slipped past.
         if self.waiting.load(Ordering::Acquire) == 0 {
             if let Ok(permit) = self.permits.clone().try_acquire_many_owned(weight) {
                 self.waited(Duration::ZERO);
-                return Ok(Admitted::new(Some(permit), &self.in_flight, bytes));
+                return Ok(Admitted::new(Some(permit), sizing, &self.in_flight, bytes));
             }
         }
         let start = Instant::now();
@@ -139,7 +186,7 @@ impl BatchAdmission {
         match acquired {
             Ok(Ok(permit)) => {
                 self.waited(start.elapsed());
-                Ok(Admitted::new(Some(permit), &self.in_flight, bytes))
+                Ok(Admitted::new(Some(permit), sizing, &self.in_flight, bytes))
             }
             // The semaphore is never closed; either way the answer is a shed.
             Ok(Err(_)) | Err(_) => Err(self.shed()),
@@ -187,7 +234,137 @@ impl BatchAdmission {
     }
 
     fn micros(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.epoch).as_micros() as u64
+        micros(self.epoch, at)
+    }
+}
+
+fn kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX)
+}
+
+fn micros(epoch: Instant, at: Instant) -> u64 {
+    at.saturating_duration_since(epoch).as_micros() as u64
+}
+
+/// The bound sized to `share` of a second's worth of the most batch bytes
+/// the instance has answered in a second lately: the README's rule (a tenth
+/// of a second of the batch bytes at capacity) without an operator to
+/// measure the capacity.
+///
+/// Held, not followed. While the bound binds, what it lets through is less
+/// than the capacity, and a bound that followed it would settle where each
+/// batch takes `share` (Little's law), which on a 2-core VM shared with the
+/// load is well below what the machine can ingest (loadtest/RUNS.md, the
+/// thirty-third run). Held, the best second can only raise it, and it comes
+/// down by a hundredth per window of answers, so it follows a machine that
+/// slowed within minutes of load. An idle instance keeps it: the machine's
+/// capacity did not change while nothing came.
+struct Sizing {
+    permits: Arc<Semaphore>,
+    share: f64,
+    floor: f64,
+    epoch: Instant,
+    /// Microseconds after `epoch` at which the current window began.
+    window_start: AtomicU64,
+    /// Bytes answered in the current window.
+    answered: AtomicU64,
+    /// The bound now, in KiB.
+    capacity: AtomicU32,
+    /// Set while permits of a shrink are still to be forgotten.
+    owed: AtomicBool,
+    state: Mutex<SizingState>,
+    gauge: IntGauge,
+}
+
+struct SizingState {
+    /// The most bytes answered in a window, per second, less a hundredth
+    /// for each window since.
+    rate: f64,
+    /// KiB of a shrink not yet forgotten: permits in use when it happened.
+    debt: u32,
+}
+
+impl Sizing {
+    /// Long enough to hold tens of batches at capacity, so one window's
+    /// luck does not set the bound for minutes.
+    const WINDOW: Duration = Duration::from_secs(1);
+    /// What is left of the best window after each window since.
+    const HOLD: f64 = 0.99;
+
+    fn new(
+        permits: Arc<Semaphore>,
+        settings: &AdmissionSettings,
+        epoch: Instant,
+        gauge: IntGauge,
+    ) -> Self {
+        gauge.set(settings.in_flight_floor as i64);
+        let share = settings.in_flight_share;
+        Self {
+            permits,
+            share: share.as_secs_f64(),
+            floor: settings.in_flight_floor as f64,
+            epoch,
+            window_start: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            capacity: AtomicU32::new(kib(settings.in_flight_floor)),
+            owed: AtomicBool::new(false),
+            state: Mutex::new(SizingState {
+                rate: settings.in_flight_floor as f64 / share.as_secs_f64(),
+                debt: 0,
+            }),
+            gauge,
+        }
+    }
+
+    fn capacity(&self) -> u32 {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// Counts an answered batch; the first answer after a window ends
+    /// resizes the bound (no timer: an instance answering nothing has
+    /// nothing to size by).
+    fn answered(&self, bytes: usize) {
+        self.answered.fetch_add(bytes as u64, Ordering::Relaxed);
+        let now = micros(self.epoch, Instant::now());
+        let start = self.window_start.load(Ordering::Relaxed);
+        let window = Self::WINDOW.as_micros() as u64;
+        if now.saturating_sub(start) >= window
+            && self
+                .window_start
+                .compare_exchange(start, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let bytes = self.answered.swap(0, Ordering::Relaxed);
+            self.resize(bytes as f64 * 1e6 / (now - start) as f64);
+        } else if self.owed.load(Ordering::Relaxed) {
+            self.collect(&mut self.state.lock().expect("sizing state"));
+        }
+    }
+
+    fn resize(&self, measured: f64) {
+        let mut state = self.state.lock().expect("sizing state");
+        state.rate = measured.max(state.rate * Self::HOLD);
+        let bytes = (state.rate * self.share).max(self.floor);
+        let new = kib(bytes as usize);
+        let old = self.capacity.swap(new, Ordering::Relaxed);
+        if new > old {
+            let grow = new - old;
+            let paid = grow.min(state.debt);
+            state.debt -= paid;
+            self.permits.add_permits((grow - paid) as usize);
+        } else {
+            state.debt += old - new;
+        }
+        self.collect(&mut state);
+        self.gauge.set(i64::from(new) * UNIT as i64);
+    }
+
+    /// Forgets what it can of a shrink: permits held by batches in flight
+    /// are forgotten as they come back.
+    fn collect(&self, state: &mut SizingState) {
+        let forgotten = self.permits.forget_permits(state.debt as usize) as u32;
+        state.debt -= forgotten;
+        self.owed.store(state.debt > 0, Ordering::Relaxed);
     }
 }
 
@@ -211,16 +388,40 @@ mod tests {
     use super::*;
 
     fn admission(bytes: usize) -> Arc<BatchAdmission> {
-        let mut a = BatchAdmission::new(AdmissionSettings {
-            in_flight_bytes: bytes,
-            target: Duration::from_millis(20),
-            interval: Duration::from_millis(100),
-            max_wait: Duration::from_millis(300),
-        });
-        // Its own gauge: the registered one is shared by every test in the
-        // process.
-        a.in_flight = IntGauge::new("in_flight", "test").unwrap();
-        Arc::new(a)
+        with_bound(bytes, Duration::ZERO)
+    }
+
+    fn with_bound(bytes: usize, share: Duration) -> Arc<BatchAdmission> {
+        // Gauges of its own: the registered ones are shared by every test in
+        // the process.
+        Arc::new(BatchAdmission::with_gauges(
+            AdmissionSettings {
+                in_flight_bytes: bytes,
+                in_flight_share: share,
+                in_flight_floor: 1 << 20,
+                target: Duration::from_millis(20),
+                interval: Duration::from_millis(100),
+                max_wait: Duration::from_millis(300),
+            },
+            IntGauge::new("in_flight", "test").unwrap(),
+            IntGauge::new("bound", "test").unwrap(),
+        ))
+    }
+
+    fn sizing(a: &BatchAdmission) -> &Sizing {
+        match &a.bound {
+            Bound::Sized(sizing) => sizing,
+            _ => panic!("not sized"),
+        }
+    }
+
+    /// Answers `kib_per_tick` KiB every 10 ms for `windows` windows of 1 s.
+    async fn answer(a: &BatchAdmission, kib_per_tick: usize, windows: usize) {
+        for _ in 0..windows * 100 {
+            let batch = a.admit(kib_per_tick * UNIT).await.expect("room");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(batch);
+        }
     }
 
     /// A request for `bytes` waiting for room in the background.
@@ -332,5 +533,53 @@ mod tests {
         assert!(a.admit(1024).await.is_err());
         assert_eq!(a.in_flight.get(), 64 * 1024);
         drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sized_bound_holds_the_best_throughput_it_has_seen() {
+        let a = with_bound(0, Duration::from_millis(100));
+        let s = sizing(&a);
+        assert_eq!(s.capacity(), 1024, "the floor before anything is measured");
+
+        // 80,000 KiB/s: up to a tenth of it at once.
+        answer(&a, 800, 1).await;
+        assert_eq!(s.capacity(), 8000);
+        assert_eq!(s.gauge.get(), 8000 * 1024);
+
+        // 20,000 KiB/s (what a bound that binds lets through): held, down
+        // by a hundredth a window, not followed.
+        answer(&a, 200, 1).await;
+        assert_eq!(s.capacity(), 7920);
+        answer(&a, 200, 30).await;
+        assert!((5850..5870).contains(&s.capacity()), "{}", s.capacity());
+
+        // 1,000 KiB/s for minutes: down to the floor and no further.
+        answer(&a, 10, 200).await;
+        assert_eq!(s.capacity(), 1024);
+        assert_eq!(a.permits.available_permits(), 1024);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shrink_while_batches_are_in_flight_takes_hold_as_they_come_back() {
+        let a = with_bound(0, Duration::from_millis(100));
+        let s = sizing(&a);
+        answer(&a, 800, 1).await;
+        assert_eq!(s.capacity(), 8000);
+
+        let held = a.admit(6000 * UNIT).await.expect("room");
+        for _ in 0..200 {
+            s.resize(0.0);
+        }
+        assert!(s.capacity() < 2000, "{}", s.capacity());
+        assert_eq!(
+            a.permits.available_permits(),
+            0,
+            "the held room is owed, not lent out again"
+        );
+        assert!(a.admit(UNIT).await.is_err(), "no room while it is owed");
+
+        drop(held);
+        assert_eq!(a.permits.available_permits(), s.capacity() as usize);
+        assert_eq!(a.in_flight.get(), 0);
     }
 }

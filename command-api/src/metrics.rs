@@ -44,6 +44,17 @@ pub static BATCH_IN_FLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric")
 });
 
+/// The bound on `batch_in_flight_bytes` now: fixed by `BATCH_IN_FLIGHT_BYTES`,
+/// sized by `BATCH_IN_FLIGHT_MS`, or 0 with neither (no bound).
+pub static BATCH_IN_FLIGHT_BOUND: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge_with_registry!(
+        "batch_in_flight_bound_bytes",
+        "Bytes of batch request bodies admitted at once at most (0: no bound)",
+        REGISTRY
+    )
+    .expect("metric")
+});
+
 /// How long admitted batch requests waited for room: near zero while the
 /// instance keeps up, about `BATCH_QUEUE_TARGET_MS` while its queue stands.
 pub static BATCH_ADMISSION_WAIT: LazyLock<Histogram> = LazyLock::new(|| {

@@ -623,6 +623,38 @@ async fn a_batch_that_finds_no_room_in_time_is_shed_before_its_parse() {
     );
 }
 
+#[tokio::test]
+async fn a_sized_batch_bound_starts_at_its_floor_and_rises_with_what_it_answers() {
+    let mut settings = testkit::isolated_settings().await;
+    settings.batch_admission.in_flight_share = Duration::from_millis(100);
+    settings.batch_admission.in_flight_floor = 16 * 1024;
+    let app = TestApp::spawn_with(settings).await;
+    let bound = |metrics: String| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("batch_in_flight_bound_bytes "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no bound in {metrics}"))
+    };
+    assert_eq!(bound(app.metrics().await), 16 * 1024);
+
+    // About 210 KB a batch, two in the first second and one after it: the
+    // window that closes holds a few hundred KB a second, a tenth of which
+    // is over the floor.
+    let body = || {
+        let mut r = record("big");
+        r["payload"] = json!({ "text": "x".repeat(1_000) });
+        json!(vec![r; 200]).to_string()
+    };
+    for _ in 0..2 {
+        assert_eq!(app.post("/data/batch", body()).await.status(), 201);
+    }
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    assert_eq!(app.post("/data/batch", body()).await.status(), 201);
+    let risen = bound(app.metrics().await);
+    assert!(risen > 16 * 1024, "{risen}");
+}
+
 fn tokio_stream_from(
     mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
 ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {

@@ -72,8 +72,15 @@ pub struct Settings {
 /// The bound on batch bodies in flight; see command-api's `admission`.
 #[derive(Clone, Copy, Debug)]
 pub struct BatchAdmissionSettings {
-    /// Bytes of batch bodies worked on at once per instance (0: no bound).
+    /// Bytes of batch bodies worked on at once per instance: a fixed bound
+    /// when not 0, and then `in_flight_share` is not used.
     pub in_flight_bytes: usize,
+    /// Otherwise the bound is this much time's worth of the most batch bytes
+    /// the instance has answered in a second lately (zero, with
+    /// `in_flight_bytes` 0 too: no bound).
+    pub in_flight_share: Duration,
+    /// The sized bound never goes below this many bytes.
+    pub in_flight_floor: usize,
     /// A queue whose admitted requests all waited longer than this for
     /// `interval` is standing: new requests then wait at most this.
     pub target: Duration,
@@ -166,6 +173,8 @@ impl Settings {
             write_group_max: var("WRITE_GROUP_MAX", 500)?,
             batch_admission: BatchAdmissionSettings {
                 in_flight_bytes: var("BATCH_IN_FLIGHT_BYTES", 0)?,
+                in_flight_share: Duration::from_millis(var("BATCH_IN_FLIGHT_MS", 0)?),
+                in_flight_floor: var("BATCH_IN_FLIGHT_MIN_BYTES", 2 << 20)?,
                 target: Duration::from_millis(var("BATCH_QUEUE_TARGET_MS", 50)?),
                 interval: Duration::from_millis(var("BATCH_QUEUE_INTERVAL_MS", 500)?),
                 max_wait: Duration::from_millis(var("BATCH_QUEUE_MAX_WAIT_MS", 200)?),
