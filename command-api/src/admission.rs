@@ -16,17 +16,15 @@
 //! waiting in it only adds delay. While it stands, a new request waits at
 //! most `target`; otherwise up to `max_wait`.
 //!
-//! Off unless `BATCH_IN_FLIGHT_BYTES` is set: the size that keeps batch
-//! answers within 500 ms under overload at the least cost is about a tenth
-//! of a second of the machine's batch bytes at capacity, so it differs by
-//! machine and by day (2 MiB on one 2-core VM, 3–4 MiB on a faster one),
-//! and too small a bound ingests less near capacity (the thirtieth,
-//! thirty-first and thirty-third runs).
-//!
-//! Why not sized from its own throughput: a bound of a share of a second of
-//! the bytes it lets through settles where each batch takes that share,
-//! which on a 2-core VM shared with the load is below what the machine can
-//! ingest (the thirty-third run).
+//! Off unless `BATCH_IN_FLIGHT_BYTES` or `BATCH_IN_FLIGHT_MS` is set: the
+//! size that keeps batch answers within 500 ms under overload at the least
+//! cost is about a tenth of a second of the machine's batch bytes at
+//! capacity, so it differs by machine and by day (2 MiB on one 2-core VM,
+//! 3–4 MiB on a faster one), and too small a bound ingests less near
+//! capacity (loadtest/RUNS.md, the thirtieth, thirty-first and thirty-third
+//! runs). `BATCH_IN_FLIGHT_MS` sizes it from the best throughput the
+//! instance has seen (`Sizing`); it stays off by default until measured on a
+//! faster machine.
 
 use std::{
     sync::{
