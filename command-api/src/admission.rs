@@ -131,8 +131,8 @@ impl BatchAdmission {
             bound_gauge.set(i64::from(kib) * UNIT as i64);
             (Arc::new(Semaphore::new(kib as usize)), Bound::Fixed(kib))
         } else if !settings.in_flight_share.is_zero() {
-            let permits = Arc::new(Semaphore::new(kib(settings.in_flight_floor) as usize));
-            let sizing = Sizing::new(permits.clone(), &settings, epoch, bound_gauge);
+            let sizing = Sizing::new(&settings, epoch, bound_gauge);
+            let permits = sizing.permits.clone();
             (permits, Bound::Sized(Arc::new(sizing)))
         } else {
             (Arc::new(Semaphore::new(0)), Bound::Off)
@@ -289,25 +289,23 @@ impl Sizing {
     /// What is left of the best window after each window since.
     const HOLD: f64 = 0.99;
 
-    fn new(
-        permits: Arc<Semaphore>,
-        settings: &AdmissionSettings,
-        epoch: Instant,
-        gauge: IntGauge,
-    ) -> Self {
-        gauge.set(settings.in_flight_floor as i64);
+    fn new(settings: &AdmissionSettings, epoch: Instant, gauge: IntGauge) -> Self {
+        // Room for one body at least: a bound that admits nothing would
+        // never measure anything to grow by.
+        let floor = settings.in_flight_floor.max(UNIT);
+        gauge.set(floor as i64);
         let share = settings.in_flight_share;
         Self {
-            permits,
+            permits: Arc::new(Semaphore::new(kib(floor) as usize)),
             share: share.as_secs_f64(),
-            floor: settings.in_flight_floor as f64,
+            floor: floor as f64,
             epoch,
             window_start: AtomicU64::new(0),
             answered: AtomicU64::new(0),
-            capacity: AtomicU32::new(kib(settings.in_flight_floor)),
+            capacity: AtomicU32::new(kib(floor)),
             owed: AtomicBool::new(false),
             state: Mutex::new(SizingState {
-                rate: settings.in_flight_floor as f64 / share.as_secs_f64(),
+                rate: floor as f64 / share.as_secs_f64(),
                 debt: 0,
             }),
             gauge,
@@ -390,20 +388,28 @@ mod tests {
     }
 
     fn with_bound(bytes: usize, share: Duration) -> Arc<BatchAdmission> {
+        with_settings(a_settings(bytes, share))
+    }
+
+    fn with_settings(settings: AdmissionSettings) -> Arc<BatchAdmission> {
         // Gauges of its own: the registered ones are shared by every test in
         // the process.
         Arc::new(BatchAdmission::with_gauges(
-            AdmissionSettings {
-                in_flight_bytes: bytes,
-                in_flight_share: share,
-                in_flight_floor: 1 << 20,
-                target: Duration::from_millis(20),
-                interval: Duration::from_millis(100),
-                max_wait: Duration::from_millis(300),
-            },
+            settings,
             IntGauge::new("in_flight", "test").unwrap(),
             IntGauge::new("bound", "test").unwrap(),
         ))
+    }
+
+    fn a_settings(bytes: usize, share: Duration) -> AdmissionSettings {
+        AdmissionSettings {
+            in_flight_bytes: bytes,
+            in_flight_share: share,
+            in_flight_floor: 1 << 20,
+            target: Duration::from_millis(20),
+            interval: Duration::from_millis(100),
+            max_wait: Duration::from_millis(300),
+        }
     }
 
     fn sizing(a: &BatchAdmission) -> &Sizing {
@@ -555,6 +561,17 @@ mod tests {
         answer(&a, 10, 200).await;
         assert_eq!(s.capacity(), 1024);
         assert_eq!(a.permits.available_permits(), 1024);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sized_bound_with_a_floor_of_zero_still_admits_and_grows() {
+        let a = with_settings(AdmissionSettings {
+            in_flight_floor: 0,
+            ..a_settings(0, Duration::from_millis(100))
+        });
+        assert_eq!(sizing(&a).capacity(), 1);
+        answer(&a, 100, 1).await;
+        assert_eq!(sizing(&a).capacity(), 1000);
     }
 
     #[tokio::test(start_paused = true)]
