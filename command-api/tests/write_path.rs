@@ -596,10 +596,9 @@ async fn a_batch_that_finds_no_room_in_time_is_shed_before_its_parse() {
         "waited for room up to BATCH_QUEUE_MAX_WAIT_MS: {waited:?}"
     );
     // Only the held batch was in flight; the shed one never was.
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == format!("batch_in_flight_bytes {first_len}")),
+    assert_eq!(
+        testkit::metric_value(&metrics, "batch_in_flight_bytes"),
+        Some(first_len as f64),
         "{metrics}"
     );
     assert_eq!(first.status(), 201);
@@ -617,8 +616,9 @@ async fn a_batch_that_finds_no_room_in_time_is_shed_before_its_parse() {
         metrics.lines().any(|l| l == "batch_requests_shed_total 1"),
         "{metrics}"
     );
-    assert!(
-        metrics.lines().any(|l| l == "batch_in_flight_bytes 0"),
+    assert_eq!(
+        testkit::metric_value(&metrics, "batch_in_flight_bytes"),
+        Some(0.0),
         "{metrics}"
     );
 }
@@ -629,14 +629,8 @@ async fn a_sized_batch_bound_starts_at_its_floor_and_rises_with_what_it_answers(
     settings.batch_admission.in_flight_share = Duration::from_millis(100);
     settings.batch_admission.in_flight_floor = 16 * 1024;
     let app = TestApp::spawn_with(settings).await;
-    let bound = |metrics: String| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("batch_in_flight_bound_bytes "))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no bound in {metrics}"))
-    };
-    assert_eq!(bound(app.metrics().await), 16 * 1024);
+    let bound = |metrics: String| testkit::metric_value(&metrics, "batch_in_flight_bound_bytes");
+    assert_eq!(bound(app.metrics().await), Some(16.0 * 1024.0));
 
     // About 210 KB a batch, two in the first second and one after it: the
     // window that closes holds a few hundred KB a second, a tenth of which
@@ -651,8 +645,8 @@ async fn a_sized_batch_bound_starts_at_its_floor_and_rises_with_what_it_answers(
     }
     tokio::time::sleep(Duration::from_millis(1_050)).await;
     assert_eq!(app.post("/data/batch", body()).await.status(), 201);
-    let risen = bound(app.metrics().await);
-    assert!(risen > 16 * 1024, "{risen}");
+    let risen = bound(app.metrics().await).expect("the bound on /metrics");
+    assert!(risen > 16.0 * 1024.0, "{risen}");
 }
 
 fn tokio_stream_from(

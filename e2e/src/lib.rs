@@ -13,7 +13,7 @@ use serde_json::Value;
 use shared::{testkit, Settings};
 use sqlx::PgPool;
 
-pub use shared::testkit::{ProxyMode, TcpProxy};
+pub use shared::testkit::{metric_value, ProxyMode, TcpProxy};
 
 pub struct Stack {
     pub settings: Settings,
@@ -267,14 +267,6 @@ pub fn service_process(name: &str, s: &Settings, port: u16) -> tokio::process::C
         .stdin(Stdio::null())
         .kill_on_drop(true);
     cmd
-}
-
-/// The value of one series in a Prometheus text exposition, named as it is
-/// printed, labels and all (`query_replica_reads_total{op="get"}`); `None`
-/// until it has been recorded.
-pub fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// A port nothing listens on right now.

@@ -30,6 +30,14 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", &id[20..])
 }
 
+/// The value of one series in a Prometheus text exposition, named as it is
+/// printed, labels and all (`query_replica_reads_total{op="get"}`); `None`
+/// until it has been recorded.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// The server named by `DATABASE_URL` (or the default), with another database.
 pub fn url_with_db(base: &str, db: &str) -> String {
     let (head, tail) = base.rsplit_once('/').expect("database URL has a path");
