@@ -16,15 +16,15 @@
 //! waiting in it only adds delay. While it stands, a new request waits at
 //! most `target`; otherwise up to `max_wait`.
 //!
-//! Off unless `BATCH_IN_FLIGHT_BYTES` or `BATCH_IN_FLIGHT_MS` is set: the
-//! size that keeps batch answers within 500 ms under overload at the least
-//! cost is about a tenth of a second of the machine's batch bytes at
-//! capacity, so it differs by machine and by day (2 MiB on one 2-core VM,
-//! 3–4 MiB on a faster one), and too small a bound ingests less near
-//! capacity (loadtest/RUNS.md, the thirtieth, thirty-first and thirty-third
-//! runs). `BATCH_IN_FLIGHT_MS` sizes it from the best throughput the
-//! instance has seen (`Sizing`); it stays off by default until measured on a
-//! faster machine.
+//! On by default, sized by `Sizing` to a tenth of a second
+//! (`BATCH_IN_FLIGHT_MS=100`) of the most batch bytes the instance has
+//! answered in a second, never below 2 MiB: the size that keeps batch answers
+//! within 500 ms under overload at the least cost is about a tenth of a second
+//! of the machine's batch bytes at capacity, so it differs by machine, by day
+//! and by payload (2 MiB on one 2-core VM, 3–4 MiB on a faster one), and a
+//! fixed bound too small ingests less near capacity (loadtest/RUNS.md, the
+//! thirtieth to thirty-fourth runs). `BATCH_IN_FLIGHT_BYTES` fixes it instead;
+//! both at 0 turn it off.
 
 use std::{
     sync::{

@@ -624,9 +624,22 @@ async fn a_batch_that_finds_no_room_in_time_is_shed_before_its_parse() {
 }
 
 #[tokio::test]
-async fn a_sized_batch_bound_starts_at_its_floor_and_rises_with_what_it_answers() {
+async fn batches_are_bounded_by_default_from_the_floor_up_by_what_is_answered() {
     let mut settings = testkit::isolated_settings().await;
+    // The shipped default, unless the environment running the tests says
+    // otherwise.
+    if ["BATCH_IN_FLIGHT_MS", "BATCH_IN_FLIGHT_BYTES"]
+        .iter()
+        .all(|v| std::env::var_os(v).is_none())
+    {
+        assert_eq!(
+            settings.batch_admission.in_flight_share,
+            Duration::from_millis(100)
+        );
+        assert_eq!(settings.batch_admission.in_flight_bytes, 0);
+    }
     settings.batch_admission.in_flight_share = Duration::from_millis(100);
+    settings.batch_admission.in_flight_bytes = 0;
     settings.batch_admission.in_flight_floor = 16 * 1024;
     let app = TestApp::spawn_with(settings).await;
     let bound = |metrics: String| testkit::metric_value(&metrics, "batch_in_flight_bound_bytes");

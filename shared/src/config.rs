@@ -173,7 +173,7 @@ impl Settings {
             write_group_max: var("WRITE_GROUP_MAX", 500)?,
             batch_admission: BatchAdmissionSettings {
                 in_flight_bytes: var("BATCH_IN_FLIGHT_BYTES", 0)?,
-                in_flight_share: Duration::from_millis(var("BATCH_IN_FLIGHT_MS", 0)?),
+                in_flight_share: Duration::from_millis(var("BATCH_IN_FLIGHT_MS", 100)?),
                 in_flight_floor: var("BATCH_IN_FLIGHT_MIN_BYTES", 2 << 20)?,
                 target: Duration::from_millis(var("BATCH_QUEUE_TARGET_MS", 50)?),
                 interval: Duration::from_millis(var("BATCH_QUEUE_INTERVAL_MS", 500)?),
