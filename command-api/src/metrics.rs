@@ -32,9 +32,9 @@ pub static BATCHES_SHED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
-/// Bytes of batch bodies being parsed and appended now, counted whether or
-/// not `BATCH_IN_FLIGHT_BYTES` bounds them: what to size that bound from
-/// (its right size differs by machine; README, Configuration).
+/// Bytes of batch bodies being parsed and appended now, counted with the
+/// bound off too: what a fixed bound (`BATCH_IN_FLIGHT_BYTES`) is sized from
+/// (its right size differs by machine and by day; README, Configuration).
 pub static BATCH_IN_FLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge_with_registry!(
         "batch_in_flight_bytes",
