@@ -266,12 +266,15 @@ struct Sizing {
     window_start: AtomicU64,
     /// Bytes answered in the current window.
     answered: AtomicU64,
+    /// Batches answered in the current window.
+    batches: AtomicU64,
     /// The bound now, in KiB.
     capacity: AtomicU32,
     /// Set while permits of a shrink are still to be forgotten.
     owed: AtomicBool,
     state: Mutex<SizingState>,
     gauge: IntGauge,
+    min_batches: f64,
 }
 
 struct SizingState {
@@ -280,6 +283,8 @@ struct SizingState {
     rate: f64,
     /// KiB of a shrink not yet forgotten: permits in use when it happened.
     debt: u32,
+    /// The mean body of the latest window that answered any.
+    batch: f64,
 }
 
 impl Sizing {
@@ -302,13 +307,16 @@ impl Sizing {
             epoch,
             window_start: AtomicU64::new(0),
             answered: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
             capacity: AtomicU32::new(kib(floor)),
             owed: AtomicBool::new(false),
             state: Mutex::new(SizingState {
                 rate: floor as f64 / share.as_secs_f64(),
                 debt: 0,
+                batch: 0.0,
             }),
             gauge,
+            min_batches: settings.in_flight_min_batches as f64,
         }
     }
 
@@ -321,6 +329,7 @@ impl Sizing {
     /// nothing to size by).
     fn answered(&self, bytes: usize) {
         self.answered.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
         let now = micros(self.epoch, Instant::now());
         let start = self.window_start.load(Ordering::Relaxed);
         let window = Self::WINDOW.as_micros() as u64;
@@ -331,16 +340,23 @@ impl Sizing {
                 .is_ok()
         {
             let bytes = self.answered.swap(0, Ordering::Relaxed);
-            self.resize(bytes as f64 * 1e6 / (now - start) as f64);
+            let batches = self.batches.swap(0, Ordering::Relaxed);
+            let mean = (batches > 0).then(|| bytes as f64 / batches as f64);
+            self.resize(bytes as f64 * 1e6 / (now - start) as f64, mean);
         } else if self.owed.load(Ordering::Relaxed) {
             self.collect(&mut self.state.lock().expect("sizing state"));
         }
     }
 
-    fn resize(&self, measured: f64) {
+    fn resize(&self, measured: f64, mean_batch: Option<f64>) {
         let mut state = self.state.lock().expect("sizing state");
         state.rate = measured.max(state.rate * Self::HOLD);
-        let bytes = (state.rate * self.share).max(self.floor);
+        if let Some(mean) = mean_batch {
+            state.batch = mean;
+        }
+        let bytes = (state.rate * self.share)
+            .max(self.floor)
+            .max(state.batch * self.min_batches);
         let new = kib(bytes as usize);
         let old = self.capacity.swap(new, Ordering::Relaxed);
         if new > old {
@@ -406,6 +422,7 @@ mod tests {
             in_flight_bytes: bytes,
             in_flight_share: share,
             in_flight_floor: 1 << 20,
+            in_flight_min_batches: 0,
             target: Duration::from_millis(20),
             interval: Duration::from_millis(100),
             max_wait: Duration::from_millis(300),
@@ -564,6 +581,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_sized_bound_keeps_room_for_the_least_number_of_batches_of_the_size_answered() {
+        let a = with_settings(AdmissionSettings {
+            in_flight_min_batches: 16,
+            ..a_settings(0, Duration::from_millis(100))
+        });
+        let s = sizing(&a);
+        // 50,000 KiB/s in bodies of 500 KiB: a tenth of a second is ten of
+        // them, fewer than sixteen.
+        answer(&a, 500, 1).await;
+        assert_eq!(s.capacity(), 16 * 500);
+
+        // Small bodies: the room follows their size, and the share of the
+        // held rate (less a hundredth) is the bound again.
+        answer(&a, 20, 1).await;
+        assert!((4900..4960).contains(&s.capacity()), "{}", s.capacity());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_sized_bound_with_a_floor_of_zero_still_admits_and_grows() {
         let a = with_settings(AdmissionSettings {
             in_flight_floor: 0,
@@ -583,7 +618,7 @@ mod tests {
 
         let held = a.admit(6000 * UNIT).await.expect("room");
         for _ in 0..200 {
-            s.resize(0.0);
+            s.resize(0.0, None);
         }
         assert!(s.capacity() < 2000, "{}", s.capacity());
         assert_eq!(

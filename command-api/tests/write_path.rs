@@ -643,6 +643,8 @@ async fn batches_are_bounded_by_default_from_the_floor_up_by_what_is_answered() 
     settings.batch_admission.in_flight_share = Duration::from_millis(100);
     settings.batch_admission.in_flight_bytes = 0;
     settings.batch_admission.in_flight_floor = 16 * 1024;
+    // The share alone: room for a least number of batches is a unit test's.
+    settings.batch_admission.in_flight_min_batches = 0;
     let app = TestApp::spawn_with(settings).await;
     let bound = |metrics: String| testkit::metric_value(&metrics, "batch_in_flight_bound_bytes");
     assert_eq!(bound(app.metrics().await), Some(16.0 * 1024.0));
