@@ -275,6 +275,7 @@ struct Sizing {
     state: Mutex<SizingState>,
     gauge: IntGauge,
     min_batches: f64,
+    max_share: f64,
 }
 
 struct SizingState {
@@ -317,6 +318,7 @@ impl Sizing {
             }),
             gauge,
             min_batches: settings.in_flight_min_batches as f64,
+            max_share: settings.in_flight_max_share.as_secs_f64(),
         }
     }
 
@@ -354,9 +356,8 @@ impl Sizing {
         if let Some(mean) = mean_batch {
             state.batch = mean;
         }
-        let bytes = (state.rate * self.share)
-            .max(self.floor)
-            .max(state.batch * self.min_batches);
+        let batches = (state.batch * self.min_batches).min(state.rate * self.max_share);
+        let bytes = (state.rate * self.share).max(self.floor).max(batches);
         let new = kib(bytes as usize);
         let old = self.capacity.swap(new, Ordering::Relaxed);
         if new > old {
@@ -423,6 +424,7 @@ mod tests {
             in_flight_share: share,
             in_flight_floor: 1 << 20,
             in_flight_min_batches: 0,
+            in_flight_max_share: Duration::from_millis(200),
             target: Duration::from_millis(20),
             interval: Duration::from_millis(100),
             max_wait: Duration::from_millis(300),
@@ -596,6 +598,14 @@ mod tests {
         // held rate (less a hundredth) is the bound again.
         answer(&a, 20, 1).await;
         assert!((4900..4960).contains(&s.capacity()), "{}", s.capacity());
+
+        // Never more than `max_share` of the held rate, however many.
+        let a = with_settings(AdmissionSettings {
+            in_flight_min_batches: 32,
+            ..a_settings(0, Duration::from_millis(100))
+        });
+        answer(&a, 500, 1).await;
+        assert_eq!(sizing(&a).capacity(), 10_000);
     }
 
     #[tokio::test(start_paused = true)]

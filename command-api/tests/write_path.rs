@@ -630,15 +630,25 @@ async fn batches_are_bounded_by_default_from_the_floor_up_by_what_is_answered() 
     let mut settings = testkit::isolated_settings().await;
     // The shipped default, unless the environment running the tests says
     // otherwise.
-    if ["BATCH_IN_FLIGHT_MS", "BATCH_IN_FLIGHT_BYTES"]
-        .iter()
-        .all(|v| std::env::var_os(v).is_none())
+    if [
+        "BATCH_IN_FLIGHT_MS",
+        "BATCH_IN_FLIGHT_BYTES",
+        "BATCH_IN_FLIGHT_MIN_BATCHES",
+        "BATCH_IN_FLIGHT_MAX_MS",
+    ]
+    .iter()
+    .all(|v| std::env::var_os(v).is_none())
     {
         assert_eq!(
             settings.batch_admission.in_flight_share,
             Duration::from_millis(100)
         );
         assert_eq!(settings.batch_admission.in_flight_bytes, 0);
+        assert_eq!(settings.batch_admission.in_flight_min_batches, 3);
+        assert_eq!(
+            settings.batch_admission.in_flight_max_share,
+            Duration::from_millis(200)
+        );
     }
     settings.batch_admission.in_flight_share = Duration::from_millis(100);
     settings.batch_admission.in_flight_bytes = 0;

@@ -81,8 +81,10 @@ pub struct BatchAdmissionSettings {
     pub in_flight_share: Duration,
     /// The sized bound never goes below this many bytes.
     pub in_flight_floor: usize,
-    /// Nor below room for this many batches of the size answered lately.
+    /// Nor below room for this many batches of the size answered lately,
+    /// as long as that is not more than `in_flight_max_share`'s worth.
     pub in_flight_min_batches: usize,
+    pub in_flight_max_share: Duration,
     /// A queue whose admitted requests all waited longer than this for
     /// `interval` is standing: new requests then wait at most this.
     pub target: Duration,
@@ -177,7 +179,8 @@ impl Settings {
                 in_flight_bytes: var("BATCH_IN_FLIGHT_BYTES", 0)?,
                 in_flight_share: Duration::from_millis(var("BATCH_IN_FLIGHT_MS", 100)?),
                 in_flight_floor: var("BATCH_IN_FLIGHT_MIN_BYTES", 2 << 20)?,
-                in_flight_min_batches: var("BATCH_IN_FLIGHT_MIN_BATCHES", 0)?,
+                in_flight_min_batches: var("BATCH_IN_FLIGHT_MIN_BATCHES", 3)?,
+                in_flight_max_share: Duration::from_millis(var("BATCH_IN_FLIGHT_MAX_MS", 200)?),
                 target: Duration::from_millis(var("BATCH_QUEUE_TARGET_MS", 50)?),
                 interval: Duration::from_millis(var("BATCH_QUEUE_INTERVAL_MS", 500)?),
                 max_wait: Duration::from_millis(var("BATCH_QUEUE_MAX_WAIT_MS", 200)?),
