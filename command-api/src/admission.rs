@@ -25,6 +25,16 @@
 //! fixed bound too small ingests less near capacity (loadtest/RUNS.md, the
 //! thirtieth to thirty-fourth runs). `BATCH_IN_FLIGHT_BYTES` fixes it instead;
 //! both at 0 turn it off.
+//!
+//! Why room for three batches as well: with bodies of 4 MB a tenth of a
+//! second is about one batch, and with one at a time the appends get a
+//! small share of a machine the projector wants too, so the rate the share
+//! is taken of never rises (a third less than no bound). Three batches of
+//! the size answered lately, but no more than a fifth of a second of the
+//! held rate, since room for more of the largest bodies took answers past
+//! 500 ms (loadtest/RUNS.md, the thirty-fifth run). With the bench's
+//! payloads three batches are about 1 MB, under the floor, so only large
+//! bodies see it.
 
 use std::{
     sync::{
@@ -274,6 +284,8 @@ struct Sizing {
     owed: AtomicBool,
     state: Mutex<SizingState>,
     gauge: IntGauge,
+    /// Room for this many batches of `SizingState::batch`, up to
+    /// `max_share` of the held rate.
     min_batches: f64,
     max_share: f64,
 }
