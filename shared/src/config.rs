@@ -84,6 +84,8 @@ pub struct BatchAdmissionSettings {
     /// Nor below room for this many batches of the size answered lately,
     /// as long as that is not more than `in_flight_max_share`'s worth.
     pub in_flight_min_batches: usize,
+    /// The most time's worth of the held rate that `in_flight_min_batches`
+    /// may raise the bound to.
     pub in_flight_max_share: Duration,
     /// A queue whose admitted requests all waited longer than this for
     /// `interval` is standing: new requests then wait at most this.
