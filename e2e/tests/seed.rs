@@ -3,7 +3,8 @@
 //! without deferred indexes, and a seed that died with its indexes dropped is
 //! healed by the next one. The watermark does not pass a seed still being
 //! copied, and a seed killed half-way leaves nothing the projector does not
-//! heal. A seed that would not fit on the databases' disk writes nothing.
+//! heal. A seed that would not fit on the databases' disk writes nothing, and
+//! the services' statement timeout does not bound a seed's statements.
 
 use std::{
     process::Stdio,
@@ -190,6 +191,38 @@ async fn a_seed_that_would_not_fit_on_the_disk_is_refused_before_it_writes() {
         .await
         .unwrap();
     assert_eq!(next, 1, "no seq range was reserved");
+    stack.stop().await;
+}
+
+/// The services' statement timeout is for their queries; a seed's COPY and
+/// ANALYZE take what the machine needs. With a millisecond, every statement
+/// of a seed this size would be cancelled if the seed took the setting.
+#[tokio::test]
+async fn a_seed_is_not_bound_by_the_services_statement_timeout() {
+    let stack = Stack::start().await;
+    let out = seed_command(
+        &stack,
+        &[
+            "--count",
+            "20000",
+            "--chunk",
+            "20000",
+            "--defer-indexes",
+            "no",
+        ],
+    )
+    .env("DB_STATEMENT_TIMEOUT_MS", "1")
+    .output()
+    .await
+    .expect("projector seed runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("seeded 20000 records"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stack.count(&stack.write_db, "records").await, 20_000);
+    assert_eq!(stack.count(&stack.read_db, "records").await, 20_000);
     stack.stop().await;
 }
 
