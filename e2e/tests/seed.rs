@@ -195,8 +195,8 @@ async fn a_seed_that_would_not_fit_on_the_disk_is_refused_before_it_writes() {
 }
 
 /// The services' statement timeout is for their queries; a seed's COPY and
-/// ANALYZE take what the machine needs. With a millisecond, every statement
-/// of a seed this size would be cancelled if the seed took the setting.
+/// ANALYZE take what the machine needs. With a millisecond, a 20,000-record
+/// COPY would be cancelled if the seed took the setting (it was, before).
 #[tokio::test]
 async fn a_seed_is_not_bound_by_the_services_statement_timeout() {
     let stack = Stack::start().await;
