@@ -85,11 +85,16 @@ SERVICES = ("command-api", "query-api", "projector")
 
 
 def second_store(pid):
+    """None while the environment is not there yet: a process caught in its
+    exec has an empty one for a moment, and is asked again next time."""
     try:
         with open("/proc/%s/environ" % pid, "rb") as f:
-            return SECOND_STORE in f.read().split(b"\0")
+            env = f.read()
     except OSError:
         return False
+    if not env:
+        return None
+    return SECOND_STORE in env.split(b"\0")
 
 
 def classify(pid, nm, cache):
@@ -98,7 +103,10 @@ def classify(pid, nm, cache):
     a service of the small store's stack as <name>@small."""
     if nm in SERVICES:
         if pid not in cache:
-            cache[pid] = nm + "@small" if second_store(pid) else nm
+            small = second_store(pid)
+            if small is None:
+                return nm
+            cache[pid] = nm + "@small" if small else nm
         return cache[pid]
     if nm != "nginx":
         return nm

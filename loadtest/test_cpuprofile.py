@@ -105,10 +105,14 @@ class Files(unittest.TestCase):
         self.assertEqual(prof.snapshot()[str(os.getpid())], comm)
 
     def test_the_small_stores_services_are_told_apart_as_procsample_tells_them(self):
-        # A child with the small stack's environment, named as a service.
+        # A child with the small stack's environment, named as a service. Its
+        # first line of output says it is past its exec, whose environment
+        # /proc shows empty for a moment.
         env = dict(os.environ, BENCH_STORE="small")
-        child = subprocess.Popen(["sleep", "30"], env=env)
+        child = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
+                                 stdout=subprocess.PIPE, env=env)
         try:
+            self.assertEqual(child.stdout.readline(), b"started\n")
             real = prof.procsample.proc_name
             with mock.patch.object(prof.procsample, "proc_name",
                                    lambda pid: "command-api" if pid == str(child.pid) else real(pid)):
@@ -118,6 +122,7 @@ class Files(unittest.TestCase):
         finally:
             child.kill()
             child.wait()
+            child.stdout.close()
 
 
 if __name__ == "__main__":

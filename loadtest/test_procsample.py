@@ -72,6 +72,21 @@ class SecondStore(unittest.TestCase):
             child.wait()
             child.stdout.close()
 
+    def test_a_service_with_no_environment_yet_is_asked_again(self):
+        # An empty environment is what /proc shows of a process in its exec:
+        # not cached, so that the next sample tells its store.
+        child = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
+                                 stdout=subprocess.PIPE, env={})
+        try:
+            self.assertEqual(child.stdout.readline(), b"started\n")
+            cache = {}
+            self.assertEqual(procsample.classify(str(child.pid), "query-api", cache), "query-api")
+            self.assertNotIn(str(child.pid), cache)
+        finally:
+            child.kill()
+            child.wait()
+            child.stdout.close()
+
 
 if __name__ == "__main__":
     unittest.main()
