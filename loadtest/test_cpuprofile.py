@@ -1,7 +1,6 @@
 """Tests of cpuprofile.py's grouping and summary (`python3 -m unittest discover -s
 loadtest`, part of `make test`), on `perf script` lines as perf prints them."""
 import os
-import subprocess
 import sys
 import tempfile
 import unittest
@@ -9,6 +8,7 @@ from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cpuprofile as prof  # noqa: E402
+from test_procsample import started_child  # noqa: E402
 
 LINES = """\
         postgres 13971  ffffffff813aecd3 copy_folio_from_iter_atomic
@@ -105,24 +105,14 @@ class Files(unittest.TestCase):
         self.assertEqual(prof.snapshot()[str(os.getpid())], comm)
 
     def test_the_small_stores_services_are_told_apart_as_procsample_tells_them(self):
-        # A child with the small stack's environment, named as a service. Its
-        # first line of output says it is past its exec, whose environment
-        # /proc shows empty for a moment.
-        env = dict(os.environ, BENCH_STORE="small")
-        child = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
-                                 stdout=subprocess.PIPE, env=env)
-        try:
-            self.assertEqual(child.stdout.readline(), b"started\n")
+        # A child with the small stack's environment, named as a service.
+        with started_child(dict(os.environ, BENCH_STORE="small")) as child:
             real = prof.procsample.proc_name
             with mock.patch.object(prof.procsample, "proc_name",
                                    lambda pid: "command-api" if pid == str(child.pid) else real(pid)):
                 table = prof.snapshot()
             self.assertEqual(table[str(child.pid)], "command-api@small")
             self.assertEqual(table[str(os.getpid())], real(str(os.getpid())))
-        finally:
-            child.kill()
-            child.wait()
-            child.stdout.close()
 
 
 if __name__ == "__main__":

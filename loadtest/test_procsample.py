@@ -1,5 +1,6 @@
 """Tests of procsample.py's sampling (`python3 -m unittest discover -s loadtest`,
 part of `make test`). The sampler reads this test's own process from /proc."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -9,6 +10,22 @@ from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import procsample  # noqa: E402
+
+
+@contextlib.contextmanager
+def started_child(env):
+    """A sleeping child with environment `env`, yielded once it is past its
+    exec: until then /proc shows the parent's environment, or nothing
+    mid-exec, and its first line of output says it is past that."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, env=env)
+    try:
+        assert child.stdout.readline() == b"started\n", "the child did not start"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
 
 
 class PssEvery(unittest.TestCase):
@@ -56,36 +73,19 @@ class PssEvery(unittest.TestCase):
 
 class SecondStore(unittest.TestCase):
     def test_a_service_of_the_small_stores_stack_is_its_own_group(self):
-        # Until the child has exec'd, /proc shows the parent's environment
-        # (or nothing, mid-exec): its first line of output says it is past that.
-        child = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
-                                 stdout=subprocess.PIPE,
-                                 env=dict(os.environ, BENCH_STORE="small"))
-        try:
-            self.assertEqual(child.stdout.readline(), b"started\n")
+        with started_child(dict(os.environ, BENCH_STORE="small")) as child:
             self.assertEqual(procsample.classify(str(child.pid), "query-api", {}), "query-api@small")
             self.assertEqual(procsample.classify(str(os.getpid()), "query-api", {}), "query-api")
             # only the services are told apart: postgres backends serve both stores
             self.assertEqual(procsample.classify(str(child.pid), "postgres", {}), "postgres")
-        finally:
-            child.kill()
-            child.wait()
-            child.stdout.close()
 
     def test_a_service_with_no_environment_yet_is_asked_again(self):
         # An empty environment is what /proc shows of a process in its exec:
         # not cached, so that the next sample tells its store.
-        child = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
-                                 stdout=subprocess.PIPE, env={})
-        try:
-            self.assertEqual(child.stdout.readline(), b"started\n")
+        with started_child({}) as child:
             cache = {}
             self.assertEqual(procsample.classify(str(child.pid), "query-api", cache), "query-api")
             self.assertNotIn(str(child.pid), cache)
-        finally:
-            child.kill()
-            child.wait()
-            child.stdout.close()
 
 
 if __name__ == "__main__":
