@@ -506,7 +506,16 @@ async fn concurrent_misses_for_one_id_read_the_database_once() {
 #[tokio::test]
 async fn rebuild_reproduces_the_read_model_exactly() {
     let stack = Stack::start().await;
-    let items: Vec<Value> = (0..300).map(|i| rec("rb", i)).collect();
+    // Every tenth without a key: the copy writes NULL for it.
+    let items: Vec<Value> = (0..300)
+        .map(|i| {
+            if i % 10 == 0 {
+                json!({"kind": "rb", "payload": {"i": i}})
+            } else {
+                rec("rb", i)
+            }
+        })
+        .collect();
     let created = stack.post_batch(&items).await;
     stack
         .wait_visible(
@@ -600,6 +609,97 @@ async fn rebuild_reproduces_the_read_model_exactly() {
     stack.stop().await;
 }
 
+#[tokio::test]
+async fn rebuild_is_not_bound_by_the_services_statement_timeout() {
+    let stack = Stack::start().await;
+    let items: Vec<Value> = (0..300).map(|i| rec("rbt", i)).collect();
+    let created = stack.post_batch(&items).await;
+    stack
+        .wait_visible(
+            created[299]["seq"].as_i64().unwrap(),
+            Duration::from_secs(10),
+        )
+        .await;
+    // A millisecond cancels any statement that reads or writes a table.
+    let settings = shared::Settings {
+        db_statement_timeout: Duration::from_millis(1),
+        ..stack.settings.clone()
+    };
+    projector::rebuild::run(&settings)
+        .await
+        .expect("rebuild with its own statement timeout");
+    assert_eq!(stack.count(&stack.read_db, "records").await, 300);
+    stack.stop().await;
+}
+
+/// Records written while the read model is rebuilt reach the new table:
+/// those above the copy's end are applied to the live table by the
+/// projector and copied over before the swap, or applied to the new table
+/// after it.
+#[tokio::test]
+async fn rebuild_while_records_are_written_loses_none() {
+    let stack = Stack::start().await;
+    // Enough records that the copy takes a while, with writes landing in
+    // its every phase.
+    projector::seed::run(
+        &stack.settings,
+        projector::seed::Options::parse(&["--count".to_string(), "30000".to_string()]).unwrap(),
+    )
+    .await
+    .expect("seed");
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let (http, cmd, writing) = (stack.http.clone(), stack.cmd.clone(), writing.clone());
+        tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            let mut i = 0;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) || seqs.len() < 200 {
+                let items: Vec<Value> = (i..i + 10).map(|i| rec("rbw", i)).collect();
+                i += 10;
+                let r = http
+                    .post(format!("{cmd}/data/batch"))
+                    .json(&items)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+                let body: Value = r.json().await.unwrap();
+                seqs.extend(
+                    body["items"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|c| c["seq"].as_i64().unwrap()),
+                );
+            }
+            seqs
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    projector::rebuild::run(&stack.settings)
+        .await
+        .expect("rebuild");
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let seqs = writer.await.unwrap();
+    stack
+        .wait_visible(*seqs.iter().max().unwrap(), Duration::from_secs(20))
+        .await;
+    let in_read_model: i64 = sqlx::query_scalar("SELECT count(*) FROM records WHERE seq = ANY($1)")
+        .bind(&seqs)
+        .fetch_one(&stack.read_db)
+        .await
+        .unwrap();
+    assert_eq!(
+        in_read_model as usize,
+        seqs.len(),
+        "written during the rebuild"
+    );
+    assert_eq!(
+        stack.count(&stack.read_db, "records").await,
+        stack.count(&stack.write_db, "records").await
+    );
+    stack.stop().await;
+}
 #[tokio::test]
 async fn redis_down_falls_back_to_replicas_and_both_down_is_503() {
     let mut settings = Stack::settings().await;

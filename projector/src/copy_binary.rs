@@ -1,5 +1,5 @@
 //! PostgreSQL's binary `COPY … FROM STDIN (FORMAT binary)` stream, for the
-//! handful of column types the seed writes. The server then skips the text
+//! handful of column types the seed and the rebuild write. The server then skips the text
 //! parsers (a `timestamptz` and a `uuid` are costly to parse; a `json` value
 //! is still checked, as it must be). Measured in session 17, the seed's
 //! COPY loaded 21% more records per second than with the text format.
@@ -44,6 +44,11 @@ impl BinaryCopy {
         self.int8(unix_micros - PG_EPOCH_UNIX_MICROS);
     }
 
+    /// SQL `NULL`, for any column type.
+    pub fn null(&mut self) {
+        self.buf.extend_from_slice(&(-1i32).to_be_bytes());
+    }
+
     pub fn text(&mut self, v: &str) {
         self.text_with(|b| b.extend_from_slice(v.as_bytes()));
     }
@@ -70,18 +75,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_row_is_laid_out_as_postgresql_reads_it() {
+    fn rows_are_laid_out_as_postgresql_reads_them() {
         let mut c = BinaryCopy::with_capacity(0);
         c.row(3);
         c.int8(7);
         c.text("ab");
         c.timestamptz(PG_EPOCH_UNIX_MICROS + 1);
+        c.row(1);
+        c.null();
         let bytes = c.finish();
         let mut want = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0".to_vec();
         want.extend_from_slice(&[0, 3]);
         want.extend_from_slice(&[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 7]);
         want.extend_from_slice(&[0, 0, 0, 2, b'a', b'b']);
         want.extend_from_slice(&[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1]);
+        want.extend_from_slice(&[0, 1, 0xff, 0xff, 0xff, 0xff]);
         want.extend_from_slice(&[0xff, 0xff]);
         assert_eq!(bytes, want);
     }

@@ -7,7 +7,7 @@
 
 use std::str::FromStr;
 
-use sqlx::{Acquire, PgPool};
+use sqlx::{PgConnection, PgPool};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Defer {
@@ -65,10 +65,8 @@ pub async fn defer(read: &PgPool) -> Result<Vec<String>, sqlx::Error> {
     Ok(names)
 }
 
-/// Builds every index a seed deferred, each on a connection of its own (the
-/// builds run side by side: each is one sort, and there are cores to spare
-/// once the COPY is done). A build outlives `statement_timeout` and wants
-/// more sort memory than a query.
+/// Builds every index a seed deferred, side by side (see
+/// [`build_side_by_side`]).
 pub async fn restore(read: &PgPool) -> Result<(), sqlx::Error> {
     let pending: Vec<(String, String)> =
         sqlx::query_as("SELECT name, definition FROM deferred_indexes ORDER BY name")
@@ -78,31 +76,51 @@ pub async fn restore(read: &PgPool) -> Result<(), sqlx::Error> {
         return Ok(());
     }
     futures_util::future::try_join_all(pending.into_iter().map(|(name, definition)| async move {
-        let mut conn = read.acquire().await?.detach();
-        let conn = conn.acquire().await?;
-        sqlx::query("SET statement_timeout = 0")
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query("SET maintenance_work_mem = '256MB'")
-            .execute(&mut *conn)
-            .await?;
+        let mut conn = builder(read).await?;
         let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
             .bind(quote_ident(&name))
-            .fetch_one(&mut *conn)
+            .fetch_one(&mut conn)
             .await?;
         if !exists {
             tracing::info!(index = %name, "building a deferred read-model index");
-            sqlx::query(&definition).execute(&mut *conn).await?;
+            sqlx::query(&definition).execute(&mut conn).await?;
         }
         sqlx::query("DELETE FROM deferred_indexes WHERE name = $1")
             .bind(&name)
-            .execute(&mut *conn)
+            .execute(&mut conn)
             .await?;
         Ok::<_, sqlx::Error>(())
     }))
     .await?;
     sqlx::query("ANALYZE records").execute(read).await?;
     Ok(())
+}
+
+/// Runs each `CREATE INDEX` of `definitions` on a connection of its own:
+/// the builds run side by side, each one sort, and there are cores to spare
+/// once a bulk load is done.
+pub async fn build_side_by_side(read: &PgPool, definitions: &[String]) -> Result<(), sqlx::Error> {
+    futures_util::future::try_join_all(definitions.iter().map(|definition| async move {
+        let mut conn = builder(read).await?;
+        sqlx::query(definition).execute(&mut conn).await?;
+        Ok::<_, sqlx::Error>(())
+    }))
+    .await?;
+    Ok(())
+}
+
+/// A connection for one index build, taken out of the pool so that its
+/// settings leave with it: a build outlives `statement_timeout` and wants
+/// more sort memory than a query.
+async fn builder(read: &PgPool) -> Result<PgConnection, sqlx::Error> {
+    let mut conn = read.acquire().await?.detach();
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query("SET maintenance_work_mem = '256MB'")
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
 }
 
 fn quote_ident(name: &str) -> String {

@@ -3,6 +3,7 @@
 //! write log when the broker did not deliver, and rebuilds on demand.
 
 pub mod apply;
+pub mod bulk;
 pub mod consumer;
 mod copy_binary;
 pub mod disk_space;

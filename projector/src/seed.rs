@@ -100,20 +100,9 @@ impl Options {
     }
 }
 
-/// The seed's own `statement_timeout`, in place of `DB_STATEMENT_TIMEOUT_MS`.
-/// That bound (5 s by default) is the services' answer to a slow query; the
-/// seed's statements are bulk work whose time follows the machine, and one
-/// of them ran past 5 s on a busy VM and failed a 10 M seed half way
-/// (loadtest/RUNS.md, the thirty-sixth run). Ten minutes still ends a seed
-/// against a server that stopped answering.
-const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
-
 pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
     let streams = o.streams;
-    let settings = &Settings {
-        db_statement_timeout: STATEMENT_TIMEOUT,
-        ..settings.clone()
-    };
+    let settings = &crate::bulk::settings(settings);
     let write = db::pool_sized(&settings.database_url, settings, "seed", streams as u32 + 1)?;
     let read = db::pool_sized(
         settings.read_primary_url(),
