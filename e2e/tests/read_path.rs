@@ -594,6 +594,13 @@ async fn rebuild_reproduces_the_read_model_exactly() {
         ]
     );
     assert_eq!(schema(stack.read_db.clone()).await, schema_before);
+    let left_behind: Vec<String> = sqlx::query_scalar(
+        "SELECT relname::text FROM pg_class WHERE relname LIKE 'records\\_%' AND relkind = 'r'",
+    )
+    .fetch_all(&stack.read_db)
+    .await
+    .unwrap();
+    assert!(left_behind.is_empty(), "{left_behind:?}");
     // Still projecting into the rebuilt table.
     let r = stack.post(&rec("rb", 999)).await;
     stack

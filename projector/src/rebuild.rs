@@ -64,6 +64,8 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
         .fetch_one(&write)
         .await?;
     for stmt in [
+        // What a rebuild that died before or after its swap left behind.
+        "DROP TABLE IF EXISTS records_old",
         "DROP TABLE IF EXISTS records_rebuild",
         "CREATE TABLE records_rebuild (LIKE records INCLUDING ALL)",
     ] {
@@ -108,6 +110,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     tx.commit().await?;
 
     let mut attempt = 1;
+    let swap_started = Instant::now();
     late += loop {
         match swap(&read, caught_up_to).await {
             Ok(n) => break n,
@@ -122,6 +125,14 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
             Err(e) => return Err(e).context("swapping in the rebuilt read model"),
         }
     };
+    // From the first attempt to the commit, retries included.
+    let swap_ms = swap_started.elapsed().as_secs_f64() * 1e3;
+    // Dropped after the swap's commit: the files of a large table are
+    // unlinked at the commit that drops it, which held the renamed tables'
+    // locks (and the readers queued behind them) for a second and a half at
+    // 10 M records (loadtest/RUNS.md, the thirty-seventh run). Nothing reads
+    // the old table once the new one has its name.
+    sqlx::query("DROP TABLE records_old").execute(&read).await?;
     let _ = guard.close().await;
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
@@ -130,11 +141,13 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
         seconds = secs,
         copy_seconds = copy_secs,
         index_seconds = index_secs,
+        swap_ms,
         "read model rebuilt"
     );
     println!(
         "rebuilt the read model: {copied} records from the write log, {late} applied meanwhile, \
-         in {secs:.1} s ({:.0}/s); copy {copy_secs:.1} s, indexes {index_secs:.1} s",
+         in {secs:.1} s ({:.0}/s); copy {copy_secs:.1} s, indexes {index_secs:.1} s, \
+         swap {swap_ms:.0} ms",
         copied as f64 / secs
     );
     Ok(())
@@ -232,7 +245,14 @@ async fn swap(read: &PgPool, after: i64) -> Result<u64, sqlx::Error> {
     for stmt in [
         "ALTER TABLE records RENAME TO records_old",
         "ALTER TABLE records_rebuild RENAME TO records",
-        "DROP TABLE records_old",
+        // The old table keeps its indexes until it is dropped, after the
+        // commit: their names go with it.
+        r"DO $$ DECLARE r record; BEGIN
+            FOR r IN SELECT indexname FROM pg_indexes
+                     WHERE schemaname = current_schema() AND tablename = 'records_old' LOOP
+              EXECUTE format('ALTER INDEX %I RENAME TO %I', r.indexname,
+                regexp_replace(r.indexname, '^records_', 'records_old_'));
+            END LOOP; END $$",
         // Give the new indexes the names the migrations use.
         r"DO $$ DECLARE r record; BEGIN
             FOR r IN SELECT indexname FROM pg_indexes
