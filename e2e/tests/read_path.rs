@@ -617,6 +617,39 @@ async fn rebuild_reproduces_the_read_model_exactly() {
 }
 
 #[tokio::test]
+async fn a_rebuild_after_a_seed_that_died_with_its_indexes_dropped_has_them_all() {
+    let stack = Stack::start().await;
+    let created = stack
+        .post_batch(&(0..50).map(|i| rec("rbd", i)).collect::<Vec<_>>())
+        .await;
+    stack
+        .wait_visible(
+            created[49]["seq"].as_i64().unwrap(),
+            Duration::from_secs(10),
+        )
+        .await;
+    let indexes = |db: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, String>(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'records' ORDER BY 1",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap()
+    };
+    let before = indexes(stack.read_db.clone()).await;
+    // What a seed leaves when it dies between dropping its indexes and
+    // building them again.
+    projector::indexes::defer(&stack.read_db).await.unwrap();
+    assert_ne!(indexes(stack.read_db.clone()).await, before);
+    projector::rebuild::run(&stack.settings)
+        .await
+        .expect("rebuild");
+    assert_eq!(indexes(stack.read_db.clone()).await, before);
+    assert_eq!(stack.count(&stack.read_db, "deferred_indexes").await, 0);
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn rebuild_is_not_bound_by_the_services_statement_timeout() {
     let stack = Stack::start().await;
     let items: Vec<Value> = (0..300).map(|i| rec("rbt", i)).collect();
