@@ -184,6 +184,16 @@ impl Stack {
             .expect("GET")
     }
 
+    /// `post_batch`, then `wait_visible` for its last record (10 s).
+    pub async fn post_batch_visible(&self, items: &[Value]) -> Vec<Value> {
+        let created = self.post_batch(items).await;
+        let last = created.last().expect("a batch creates records")["seq"]
+            .as_i64()
+            .unwrap();
+        self.wait_visible(last, Duration::from_secs(10)).await;
+        created
+    }
+
     /// Waits until the query API reports a watermark of at least `seq`.
     pub async fn wait_visible(&self, seq: i64, within: Duration) {
         let deadline = Instant::now() + within;

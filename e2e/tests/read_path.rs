@@ -516,13 +516,7 @@ async fn rebuild_reproduces_the_read_model_exactly() {
             }
         })
         .collect();
-    let created = stack.post_batch(&items).await;
-    stack
-        .wait_visible(
-            created[299]["seq"].as_i64().unwrap(),
-            Duration::from_secs(10),
-        )
-        .await;
+    stack.post_batch_visible(&items).await;
     let snapshot = |db: sqlx::PgPool| async move {
         sqlx::query_as::<_, (i64, Uuid, String, Option<String>, String)>(
             "SELECT seq, id, kind, key, doc FROM records ORDER BY seq",
@@ -619,14 +613,8 @@ async fn rebuild_reproduces_the_read_model_exactly() {
 #[tokio::test]
 async fn a_rebuild_after_a_seed_that_died_with_its_indexes_dropped_has_them_all() {
     let stack = Stack::start().await;
-    let created = stack
-        .post_batch(&(0..50).map(|i| rec("rbd", i)).collect::<Vec<_>>())
-        .await;
     stack
-        .wait_visible(
-            created[49]["seq"].as_i64().unwrap(),
-            Duration::from_secs(10),
-        )
+        .post_batch_visible(&(0..50).map(|i| rec("rbd", i)).collect::<Vec<_>>())
         .await;
     let indexes = |db: sqlx::PgPool| async move {
         sqlx::query_scalar::<_, String>(
@@ -653,13 +641,7 @@ async fn a_rebuild_after_a_seed_that_died_with_its_indexes_dropped_has_them_all(
 async fn rebuild_is_not_bound_by_the_services_statement_timeout() {
     let stack = Stack::start().await;
     let items: Vec<Value> = (0..300).map(|i| rec("rbt", i)).collect();
-    let created = stack.post_batch(&items).await;
-    stack
-        .wait_visible(
-            created[299]["seq"].as_i64().unwrap(),
-            Duration::from_secs(10),
-        )
-        .await;
+    stack.post_batch_visible(&items).await;
     // A millisecond cancels any statement that reads or writes a table.
     let settings = shared::Settings {
         db_statement_timeout: Duration::from_millis(1),
