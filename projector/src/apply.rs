@@ -55,7 +55,7 @@ impl Applier {
         let mut timed_out = None;
         while let Some(part) = parts.pop() {
             let (r, d) = (&records[part.clone()], &docs[part.clone()]);
-            match insert_read_model(&self.read_pool, "records", r, d).await {
+            match insert_read_model(&self.read_pool, r, d).await {
                 Ok(()) => {}
                 Err(e) if db::is_statement_timeout(&e) => {
                     if r.len() > 1 {
@@ -123,11 +123,9 @@ enum CacheError {
 /// log) runs again with `ON CONFLICT DO NOTHING`. That clause makes every
 /// row a speculative insertion (a probe of both unique indexes first, and a
 /// WAL record more to confirm it): 1,000-record inserts took 12% longer
-/// with it, measured with pgbench on the benchmark machine. `table` is
-/// `records`, or the shadow table during a rebuild.
-pub async fn insert_read_model(
+/// with it, measured with pgbench on the benchmark machine.
+async fn insert_read_model(
     pool: &PgPool,
-    table: &str,
     records: &[Record],
     docs: &[String],
 ) -> Result<(), sqlx::Error> {
@@ -137,7 +135,7 @@ pub async fn insert_read_model(
     let keys: Vec<Option<&str>> = records.iter().map(|r| r.key.as_deref()).collect();
     let insert = |on_conflict: &str| {
         let sql = format!(
-            "INSERT INTO {table} (seq, id, kind, key, doc) \
+            "INSERT INTO records (seq, id, kind, key, doc) \
              SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[]){on_conflict}"
         );
         let (seqs, ids, kinds, keys) = (&seqs, &ids, &kinds, &keys);

@@ -134,9 +134,8 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     // unlinked at the commit that drops it, which held the renamed tables'
     // locks (and the readers queued behind them) for a second and a half at
     // 10 M records (loadtest/RUNS.md, the thirty-seventh run). Nothing reads
-    // the old table once the new one has its name.
-    // The new read model is in place: a failure here leaves only garbage,
-    // which the next rebuild drops first.
+    // the old table once the new one has its name, and a failure here
+    // leaves only garbage, which the next rebuild drops first.
     if let Err(e) = sqlx::query("DROP TABLE records_old").execute(&read).await {
         tracing::warn!(error = %e, "could not drop the old read model (records_old)");
     }
