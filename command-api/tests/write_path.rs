@@ -494,6 +494,34 @@ async fn postgres_down_is_a_fast_503_and_recovers() {
     }
 }
 
+/// A restarted server (or a failover) leaves every idle pooled connection
+/// dead. Without a check, each one fails the next request that draws it with
+/// a 503, long after the server is back. One idle for a second or more is
+/// pinged first, so the first requests after a quiet spell get fresh
+/// connections.
+#[tokio::test]
+async fn idle_connections_the_server_dropped_fail_no_request() {
+    let mut settings = testkit::isolated_settings().await;
+    let proxy = TcpProxy::start(testkit::socket_addr(&settings.database_url).await).await;
+    settings.database_url = proxy.url(&settings.database_url);
+    let app = TestApp::spawn_with(settings).await;
+    // Concurrent requests leave several connections in the pools.
+    let body = record("a");
+    let posts = (0..8).map(|_| app.post_json("/data", &body));
+    for res in futures_util::future::join_all(posts).await {
+        assert_eq!(res.status(), 201);
+    }
+    // Every live connection reset, as a restarted server's are.
+    proxy.set_mode(ProxyMode::Reset);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.set_mode(ProxyMode::Pass);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 0..8 {
+        let res = app.post_json("/data", &record("a")).await;
+        assert_eq!(res.status(), 201, "request {i} after the server came back");
+    }
+}
+
 #[tokio::test]
 async fn ops_endpoints() {
     let app = TestApp::spawn().await;

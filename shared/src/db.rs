@@ -75,12 +75,30 @@ fn build(
     Ok(lazy(options, size, settings.db_acquire_timeout))
 }
 
+/// A pooled connection idle this long is pinged before it is handed out.
+/// A restarted server or a failover leaves every idle connection dead, and
+/// each would otherwise fail the next request that draws it with a 503 long
+/// after the server is back. Under load connections are idle for far less,
+/// so the hot path pays no round trip (hence not `test_before_acquire`,
+/// which pings on every acquire).
+const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn lazy(options: PgConnectOptions, size: u32, acquire_timeout: std::time::Duration) -> PgPool {
     PgPoolOptions::new()
         .max_connections(size)
         .min_connections(0)
         .acquire_timeout(acquire_timeout)
         .test_before_acquire(false)
+        // A failed ping closes the connection and the pool tries another,
+        // or opens one, all within `acquire_timeout`.
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options)
 }
 
