@@ -195,8 +195,9 @@ impl Replicas {
 ///
 /// The leading filter is written `= ANY(ARRAY[$4])` and also ordered on:
 /// PostgreSQL then keeps that column in the sort order, which only the
-/// matching `(kind|key, ..., seq DESC)` index provides, so every plan,
-/// generic or custom, reads at most one page of that index. With a plain
+/// matching index provides (`(key, seq DESC)` read forwards, `(kind, seq)`
+/// backwards, hence `kind DESC`), so every plan, generic or custom, reads
+/// at most one page of that index. With a plain
 /// `=` the column drops out of the order, and the cached generic plan walks
 /// the primary key backwards filtering on it: cheap for a kind written
 /// lately, but seen here to read 2.4 million rows (2 s, and list p99 past
@@ -204,7 +205,8 @@ impl Replicas {
 pub fn list_sql(kind: bool, key: bool) -> String {
     let (filter, order) = match (kind, key) {
         (false, false) => ("", ""),
-        (true, false) => (" AND r.kind = ANY(ARRAY[$4])", "r.kind, "),
+        // `(kind, seq)`, read backwards.
+        (true, false) => (" AND r.kind = ANY(ARRAY[$4])", "r.kind DESC, "),
         (false, true) => (" AND r.key = ANY(ARRAY[$4])", "r.key, "),
         // The key's index, filtered on kind: a key names an entity, whose
         // records are few. (A `(kind, key, seq)` index served this once, at
