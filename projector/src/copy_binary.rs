@@ -6,6 +6,7 @@
 //!
 //! Format: <https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4>
 
+use shared::Record;
 use uuid::Uuid;
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
@@ -62,6 +63,21 @@ impl BinaryCopy {
         f(&mut self.buf);
         let len = (self.buf.len() - at - 4) as i32;
         self.buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// A row of the read model's `(seq, id, kind, key, doc)`, as the
+    /// projector writes it: the document is the record as `Record`
+    /// serialises it. The seed and the rebuild both copy these.
+    pub fn read_model_row(&mut self, record: &Record) {
+        self.row(5);
+        self.int8(record.seq);
+        self.uuid(&record.id);
+        self.text(&record.kind);
+        match &record.key {
+            Some(key) => self.text(key),
+            None => self.null(),
+        }
+        self.text_with(|b| serde_json::to_writer(b, record).expect("a record serialises"));
     }
 
     pub fn finish(mut self) -> Vec<u8> {

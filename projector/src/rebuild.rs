@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::TryStreamExt;
-use shared::{db, Record, Settings};
+use shared::{db, Settings};
 use sqlx::{Connection, PgPool, Row};
 
 use crate::copy_binary::BinaryCopy;
@@ -75,22 +75,21 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
         sqlx::query(stmt).execute(&read).await?;
     }
     // The unique indexes stay (they are appended to in seq order, and the
-    // catch-up's ON CONFLICT needs them); the others are built at the end.
-    let deferred: Vec<String> = sqlx::query_scalar(
-        "SELECT pg_get_indexdef(x.indexrelid) FROM pg_index x \
+    // catch-up's anti-join probes the seq one); the others are built at the
+    // end.
+    let deferred: Vec<(String, String)> = sqlx::query_as(
+        "SELECT x.indexrelid::regclass::text, pg_get_indexdef(x.indexrelid) FROM pg_index x \
          WHERE x.indrelid = 'records_rebuild'::regclass AND NOT x.indisunique ORDER BY 1",
     )
     .fetch_all(&read)
     .await?;
-    sqlx::query(
-        "DO $$ DECLARE r record; BEGIN
-           FOR r IN SELECT c.relname FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid
-                    WHERE x.indrelid = 'records_rebuild'::regclass AND NOT x.indisunique LOOP
-             EXECUTE format('DROP INDEX %I', r.relname);
-           END LOOP; END $$",
-    )
-    .execute(&read)
-    .await?;
+    for (name, _) in &deferred {
+        // `regclass` output is already quoted where it needs to be.
+        sqlx::query(&format!("DROP INDEX {name}"))
+            .execute(&read)
+            .await?;
+    }
+    let deferred: Vec<String> = deferred.into_iter().map(|(_, def)| def).collect();
 
     let copied = copy_write_log(&write, &read, upto).await?;
     let copy_secs = started.elapsed().as_secs_f64();
@@ -117,7 +116,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     late += loop {
         match swap(&read, caught_up_to).await {
             Ok(n) => break n,
-            Err(e) if is_lock_timeout(&e) && attempt < SWAP_ATTEMPTS => {
+            Err(e) if db::is_lock_timeout(&e) && attempt < SWAP_ATTEMPTS => {
                 tracing::warn!(
                     attempt,
                     "the swap waited too long for its locks; trying again"
@@ -180,7 +179,7 @@ async fn copy_write_log(write: &PgPool, read: &PgPool, upto: i64) -> anyhow::Res
                 let mut n = 0u64;
                 while let Some(row) = rows.try_next().await? {
                     let record = db::record_from_row(&row)?;
-                    encode(&mut chunk, &record);
+                    chunk.read_model_row(&record);
                     after = row.try_get("seq")?;
                     n += 1;
                 }
@@ -206,30 +205,17 @@ async fn copy_write_log(write: &PgPool, read: &PgPool, upto: i64) -> anyhow::Res
     Ok(copied)
 }
 
-/// The row the projector would write for `record` (its document is the
-/// record as `Record` serialises it, as the projector's is).
-fn encode(c: &mut BinaryCopy, record: &Record) {
-    c.row(5);
-    c.int8(record.seq);
-    c.uuid(&record.id);
-    c.text(&record.kind);
-    match &record.key {
-        Some(key) => c.text(key),
-        None => c.null(),
-    }
-    c.text_with(|b| serde_json::to_writer(b, record).expect("a record serialises"));
-}
-
 /// What the live table holds above `after` and the shadow table lacks.
 /// Most of it was copied from the write log already (all of it, when no
 /// projector kept the watermark): an anti-join skips those rows for a probe
-/// each, where `ON CONFLICT` alone would begin inserting every one.
+/// each, where `ON CONFLICT` would begin inserting every one. Only this
+/// rebuild writes the shadow table (the advisory lock), so what the
+/// anti-join lets through cannot conflict.
 async fn copy_applied(conn: &mut sqlx::PgConnection, after: i64) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
         "INSERT INTO records_rebuild (seq, id, kind, key, doc) \
          SELECT seq, id, kind, key, doc FROM records l WHERE seq > $1 \
-         AND NOT EXISTS (SELECT FROM records_rebuild r WHERE r.seq = l.seq) \
-         ON CONFLICT DO NOTHING",
+         AND NOT EXISTS (SELECT FROM records_rebuild r WHERE r.seq = l.seq)",
     )
     .bind(after)
     .execute(conn)
@@ -272,8 +258,4 @@ async fn swap(read: &PgPool, after: i64) -> Result<u64, sqlx::Error> {
     }
     tx.commit().await?;
     Ok(late)
-}
-
-fn is_lock_timeout(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }

@@ -347,12 +347,7 @@ fn build_chunk(first_seq: i64, n: u64, o: &Options, rng: &mut SmallRng) -> (Vec<
         w.text(record.payload.get());
         w.timestamptz(created_micros);
 
-        r.row(5);
-        r.int8(seq);
-        r.uuid(&record.id);
-        r.text(&record.kind);
-        r.text(key);
-        r.text_with(|b| serde_json::to_writer(b, &record).expect("a record serialises"));
+        r.read_model_row(&record);
     }
     (w.finish(), r.finish())
 }
