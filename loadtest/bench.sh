@@ -6,6 +6,7 @@
 #
 #   SCALE=100000 DURATION=30s loadtest/bench.sh
 #   COMPARE=1 loadtest/bench.sh           # 100k vs 10M records, p99 ratio per figure
+#   AB_BASE=eb75417 SCENARIOS=write loadtest/bench.sh   # that commit's command-api against the stack's
 #   SCENARIOS="read_id list" RATE_READ_ID=2000 loadtest/bench.sh
 #
 # Env (defaults):
@@ -25,6 +26,18 @@
 #                       then moves both sizes alike instead of one pass. 0: the sizes as two
 #                       passes, one after the other, in the stack you started (the only way
 #                       with BENCH_SELFTEST=1 or a SEED_MODE other than topup)
+#   AB_BASE=""          A/B of two builds of one service on one store: a git revision whose
+#                       AB_SERVICE=command-api (or query-api) is built here (a git worktree under
+#                       AB_TARGET_DIR=target/ab, cargo build --release there; the first time, that
+#                       target directory starts as a copy of target/release) and run on AB_PORT=8190
+#                       with the environment of the stack's running service, beside it. Each scenario
+#                       then runs against the base and against the stack's own (the head), back to
+#                       back, the base first in odd rounds and the head first in even ones (ABBA),
+#                       ROUNDS times (default 8 here), batch in every round; <OUT>/base and
+#                       <OUT>/head hold the runs, and compare.md the ratio head / base per figure.
+#                       AB_BIN=path: a binary built already instead of AB_BASE. The projector
+#                       cannot be A/B'd this way (two would share one queue). Not with COMPARE=1,
+#                       GATEWAY=1 or BENCH_SELFTEST=1
 #   FLOOR_RUNS=1        0: skip the floor runs; FLOOR_PORT=8099
 #   FLOOR_BOTH=0        1 (with COMPARE=1): the large pass runs the floor too (interleaved:
 #                       a second floor run after each pair)
@@ -77,6 +90,9 @@ ROOT="$(cd "$HERE/.." && pwd)"
 # k6 opens the id pool relative to its script, so a relative OUT (taken, as
 # a user means it, from where the script was started) must become absolute.
 if [ -n "${OUT:-}" ]; then OUT="$(realpath -m -- "$OUT")"; fi
+# The same for the A/B's paths.
+if [ -n "${AB_BIN:-}" ]; then AB_BIN="$(realpath -m -- "$AB_BIN")"; fi
+if [ -n "${AB_TARGET_DIR:-}" ]; then AB_TARGET_DIR="$(realpath -m -- "$AB_TARGET_DIR")"; fi
 cd "$ROOT"
 
 # The default URLs, URL helpers and LOCAL_DIR that make up and deps.sh use.
@@ -105,7 +121,17 @@ SOAK="${SOAK:-0}"
 SOAK_DURATION="${SOAK_DURATION:-30m}"
 FLOOR_RUNS="${FLOOR_RUNS:-1}"
 FLOOR_BOTH="${FLOOR_BOTH:-0}"
-ROUNDS="${ROUNDS:-1}"
+AB_BASE="${AB_BASE:-}"
+AB_BIN="${AB_BIN:-}"
+AB_SERVICE="${AB_SERVICE:-command-api}"
+AB_PORT="${AB_PORT:-8190}"
+CARGO_TARGET="$(realpath -m -- "${CARGO_TARGET_DIR:-$ROOT/target}")"
+AB_TARGET_DIR="${AB_TARGET_DIR:-$CARGO_TARGET/ab}"
+AB=0
+[ -n "$AB_BASE$AB_BIN" ] && AB=1
+# One pair of runs tells little: the second of a pair was the quicker in six
+# of eight pairs, whichever build it was (loadtest/SESSIONS.md, session 47).
+if [ "$AB" = 1 ]; then ROUNDS="${ROUNDS:-8}"; else ROUNDS="${ROUNDS:-1}"; fi
 BATCH_EVERY_ROUND="${BATCH_EVERY_ROUND:-0}"
 FLOOR_PORT="${FLOOR_PORT:-8099}"
 RAW="${RAW:-0}"
@@ -214,6 +240,23 @@ if [ "$BATCH_EVERY_ROUND" = 1 ]; then
     [ "$s" = batch ] && seen=1
   done
   [ -z "$after" ] || die "BATCH_EVERY_ROUND=1: list batch last in SCENARIOS (the soak may follow it), not before$after"
+fi
+if [ "$AB" = 1 ]; then
+  [ -n "$AB_BASE" ] && [ -n "$AB_BIN" ] && die "AB_BASE (a revision to build) or AB_BIN (a binary built already), not both"
+  case "$AB_SERVICE" in
+    command-api | query-api) ;;
+    *) die "AB_SERVICE must be command-api or query-api, not '$AB_SERVICE' (two projectors would share one queue)" ;;
+  esac
+  [ "$COMPARE" = 1 ] && die "AB_BASE/AB_BIN compares two builds on one store: not with COMPARE=1"
+  [ "$GATEWAY" = 1 ] && die "AB_BASE/AB_BIN: not with GATEWAY=1 (the gateway proxies the stack's own services)"
+  [ "$BENCH_SELFTEST" = 1 ] && die "AB_BASE/AB_BIN runs a real service: not with BENCH_SELFTEST=1"
+  case "$AB_PORT" in '' | *[!0-9]*) die "AB_PORT must be a port number (got '$AB_PORT')" ;; esac
+  if [ -n "$AB_BIN" ]; then
+    [ -f "$AB_BIN" ] && [ -x "$AB_BIN" ] || die "AB_BIN=$AB_BIN is not an executable file"
+  else
+    git -C "$ROOT" rev-parse --quiet --verify "$AB_BASE^{commit}" >/dev/null ||
+      die "AB_BASE=$AB_BASE is not a commit of this repository"
+  fi
 fi
 for s in $SCENARIOS; do script_of "$s" >/dev/null || die "unknown scenario '$s' (known: read_id read_id_6k list freshness mixed write batch soak smoke)"; done
 
@@ -367,6 +410,7 @@ S_ID_FILE="" L_ID_FILE=""
 # --------------------------------------------------------------- cleanup
 SAMPLER_PID=""
 PROFILER_PID=""
+AB_PID=""
 K6_PID=""
 FLOOR_STARTED=0
 SELFTEST_STARTED=0
@@ -377,6 +421,7 @@ cleanup() {
   [ -n "$PROFILER_PID" ] && { pkill -P "$PROFILER_PID" 2>/dev/null; kill "$PROFILER_PID" 2>/dev/null; }
   if [ "$FLOOR_STARTED" = 1 ]; then FLOOR_PORT="$FLOOR_PORT" "$HERE/floor/floor.sh" stop || true; fi
   stop_small_stack
+  [ -n "$AB_PID" ] && ab_stop
   if [ "$SELFTEST_STARTED" = 1 ]; then
     FLOOR_PORT="$SELFTEST_PORT" FLOOR_DIR="$ROOT/loadtest/results/selftest-stack" "$HERE/floor/floor.sh" stop || true
   fi
@@ -769,6 +814,155 @@ interleaved() {
   scale_json "$ldir/scale.json" "$SCALE_LARGE" "\"rounds\": $ROUNDS, \"interleaved\": true"
 }
 
+# --------------------------------------------------------------- A/B
+# AB_BASE / AB_BIN: a second build of one service beside the stack's, on the
+# same store. The head is the stack's running service, whatever it was
+# built from.
+AB_URL="http://127.0.0.1:$AB_PORT"
+AB_LABEL="" HEAD_LABEL=""
+AB_WORKTREE="$AB_TARGET_DIR/src"
+
+# ab_build: the base revision's service, built in a worktree of its own.
+# The dependencies' builds are reused from one A/B to the next; the
+# workspace's own crates are rebuilt (their files are new), at the same path
+# each time, so that their artifacts replace the last ones instead of
+# piling up beside them.
+ab_build() {
+  local rev logf="$OUT/ab-base/build.log"
+  rev="$(git -C "$ROOT" rev-parse --short "$AB_BASE^{commit}")"
+  if [ ! -d "$AB_TARGET_DIR/release" ] && [ -d "$CARGO_TARGET/release" ]; then
+    log "A/B: $AB_TARGET_DIR starts as a copy of $CARGO_TARGET/release (the base's build then compiles only its own crates)"
+    mkdir -p "$AB_TARGET_DIR" && cp -a "$CARGO_TARGET/release" "$AB_TARGET_DIR/" ||
+      die "could not copy $CARGO_TARGET/release to $AB_TARGET_DIR"
+  fi
+  git -C "$ROOT" worktree remove --force "$AB_WORKTREE" >/dev/null 2>&1
+  rm -rf "$AB_WORKTREE"
+  git -C "$ROOT" worktree prune
+  git -C "$ROOT" worktree add --detach "$AB_WORKTREE" "$rev" >>"$logf" 2>&1 || die "A/B: git worktree add failed ($logf)"
+  log "A/B: building $AB_SERVICE at $rev (cargo build --release; log $logf)"
+  local t0=$SECONDS rc=0
+  (cd "$AB_WORKTREE" && CARGO_TARGET_DIR="$AB_TARGET_DIR" cargo build --release -p "$AB_SERVICE") >>"$logf" 2>&1 || rc=$?
+  git -C "$ROOT" worktree remove --force "$AB_WORKTREE" >/dev/null 2>&1
+  [ "$rc" = 0 ] || { tail -20 "$logf" >&2; die "A/B: the build of $AB_SERVICE at $rev failed ($logf)"; }
+  log "A/B: built in $((SECONDS - t0)) s"
+  AB_BIN="$AB_TARGET_DIR/release/$AB_SERVICE"
+  AB_LABEL="$rev"
+}
+
+# The pid listening on a local TCP port (ss, else fuser).
+listener_pid() {
+  local pid
+  pid="$(ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)"
+  [ -n "$pid" ] || pid="$(fuser -n tcp "$1" 2>/dev/null | awk '{print $1}')"
+  [ -n "$pid" ] && echo "$pid"
+}
+
+# ab_start: the base on AB_PORT, with the environment of the stack's own
+# service (its databases, broker, pool sizes and AUTH_DISABLED, as `make up`
+# set them), so that the build is the only difference.
+ab_start() {
+  local url port pid envs=() t0 dir="$OUT/ab-base"
+  url="$([ "$AB_SERVICE" = command-api ] && echo "$L_CMD_URL" || echo "$L_QUERY_URL")"
+  port="${url##*:}"
+  port="${port%%/*}"
+  pid="$(listener_pid "$port")" ||
+    die "A/B: no process listens on :$port here; the base runs beside a stack on this machine, with its service's environment"
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$AB_SERVICE" ] ||
+    die "A/B: :$port is $(cat "/proc/$pid/comm" 2>/dev/null || echo '?') (pid $pid), not $AB_SERVICE"
+  mapfile -d '' envs <"/proc/$pid/environ" 2>/dev/null
+  [ "${#envs[@]}" -gt 0 ] || die "A/B: cannot read the environment of $AB_SERVICE (pid $pid)"
+  port_free "$AB_PORT" || die "A/B: AB_PORT $AB_PORT is taken"
+  # BENCH_STORE tells procsample.py the base's process from the head's.
+  env -i "${envs[@]}" HTTP_PORT="$AB_PORT" BENCH_STORE=base setsid "$AB_BIN" >"$dir/$AB_SERVICE.log" 2>&1 </dev/null &
+  AB_PID=$!
+  t0=$(date +%s)
+  until ready "$AB_URL" 2>/dev/null; do
+    kill -0 "$AB_PID" 2>/dev/null || { tail -20 "$dir/$AB_SERVICE.log" >&2; AB_PID=""; die "A/B: the base $AB_SERVICE exited ($dir/$AB_SERVICE.log)"; }
+    [ $(($(date +%s) - t0)) -lt 60 ] || { tail -20 "$dir/$AB_SERVICE.log" >&2; die "A/B: the base $AB_SERVICE was not ready after 60 s"; }
+    sleep 0.5
+  done
+  log "A/B: base $AB_SERVICE ($AB_LABEL) ready on $AB_URL; head: the stack's, on $url ($HEAD_LABEL)"
+}
+
+ab_stop() {
+  [ -n "$AB_PID" ] || return 0
+  local i
+  kill -TERM "$AB_PID" 2>/dev/null
+  for i in $(seq 1 40); do kill -0 "$AB_PID" 2>/dev/null || break; sleep 0.5; done
+  kill -KILL "$AB_PID" 2>/dev/null
+  AB_PID=""
+}
+
+# use_side base|head: the base's URL for its service, the stack's for the rest.
+use_side() {
+  CMD_URL="$L_CMD_URL" QUERY_URL="$L_QUERY_URL"
+  if [ "$1" = base ]; then
+    if [ "$AB_SERVICE" = command-api ]; then CMD_URL="$AB_URL"; else QUERY_URL="$AB_URL"; fi
+  fi
+}
+
+# run_ab <base|head> <scenario> <round> <floor 0|1>
+run_ab() {
+  local rd="$OUT/$1"
+  [ "$ROUNDS" -gt 1 ] && rd="$rd/round$3"
+  mkdir -p "$rd"
+  use_side "$1"
+  run_k6 "$2" "$rd" "$4"
+  use_side head
+  [ "$4" = 1 ] || settle
+  sleep "$COOLDOWN"
+}
+
+ab_json() { # base|head
+  local label
+  [ "$1" = base ] && label="$AB_LABEL" || label="$HEAD_LABEL"
+  printf '"interleaved": true, "ab": {"side": "%s", "service": "%s", "rev": "%s"}' "$1" "$AB_SERVICE" "${label//\"/}"
+}
+
+# ab_runs: like the interleaved comparison, with two builds where it has two
+# stores. Batch runs in every round: both builds grow the one store alike.
+ab_runs() {
+  local r s first second side
+  mkdir -p "$OUT/ab-base" "$OUT/base" "$OUT/head"
+  HEAD_LABEL="the stack's, tree at $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+  [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ] && HEAD_LABEL="$HEAD_LABEL with uncommitted changes"
+  if [ -n "$AB_BASE" ]; then
+    ab_build
+    quiet_machine "$OUT/ab-base/build.log"
+  else
+    AB_LABEL="$AB_BIN"
+  fi
+  prepare "$OUT/head" "$SCALE" head
+  ab_start
+  use_side base
+  log "warm-up (base): mixed at ${WARMUP_RATE}/s for $WARMUP"
+  run_k6 warmup-mixed "$OUT/base" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
+  rm -f "$OUT/base"/warmup-mixed.*
+  use_side head
+  settle
+  for r in $(seq 1 "$ROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then first=base second=head; else first=head second=base; fi
+    [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($first first)"
+    for s in $SCENARIOS; do
+      [ "$s" = soak ] && [ "$r" != "$ROUNDS" ] && continue
+      run_ab "$first" "$s" "$r" 0
+      [ "$FLOOR_RUNS" = 1 ] && run_ab base "$s" "$r" 1
+      run_ab "$second" "$s" "$r" 0
+      [ "$FLOOR_BOTH" = 1 ] && run_ab head "$s" "$r" 1
+    done
+    if [ "$ROUNDS" -gt 1 ]; then
+      for side in base head; do
+        mkdir -p "$OUT/$side/round$r"
+        scale_json "$OUT/$side/round$r/scale.json" "$SCALE" "\"round\": $r"
+      done
+    fi
+  done
+  for side in base head; do
+    scale_json "$OUT/$side/scale.json" "$SCALE" "\"rounds\": $ROUNDS, $(ab_json "$side")"
+  done
+  ab_stop
+}
+
 # --------------------------------------------------------------- main
 OUT="${OUT:-$ROOT/loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$OUT"
@@ -795,6 +989,7 @@ log "results in $OUT"
   echo "  \"postgres\": \"$(pg_settings)\","
   echo "  \"k6_gogc\": \"$BENCH_GOGC\", \"k6_gomemlimit\": \"$BENCH_GOMEMLIMIT\","
   echo "  \"profile\": \"$BENCH_PROFILE\","
+  echo "  \"ab_service\": \"$([ "$AB" = 1 ] && echo "$AB_SERVICE")\", \"ab_base\": \"$AB_BASE$AB_BIN\","
   echo "  \"selftest\": $BENCH_SELFTEST"
   echo "}"
 } >"$OUT/env.json"
@@ -808,7 +1003,13 @@ if [ "$FLOOR_RUNS" = 1 ]; then
   fi
 fi
 
-if [ "$COMPARE" = 1 ]; then
+if [ "$AB" = 1 ]; then
+  ab_runs
+  python3 "$HERE/report.py" "$OUT/base" --floor-from "$OUT/base" || log "report (base) failed"
+  python3 "$HERE/report.py" "$OUT/head" --floor-from "$OUT/base" || log "report (head) failed"
+  python3 "$HERE/report.py" --compare "$OUT/base" "$OUT/head" --out "$OUT" || log "comparison failed"
+  [ -f "$OUT/compare.md" ] && cat "$OUT/compare.md"
+elif [ "$COMPARE" = 1 ]; then
   if [ "$INTERLEAVE" = 1 ]; then
     interleaved
   else

@@ -10,7 +10,8 @@ kernel's page reclaim threads (kswapd, and kdamond when DAMON reclaims cold
 pages) are "kernel-reclaim": on a VM that reclaims page cache proactively,
 the databases' pages are read back from disk between runs. The services
 of a second stack (bench.sh `INTERLEAVE=1`: BENCH_STORE=small in their
-environment) are "command-api@small" and so on. Per sample and group: number of processes, CPU% over the interval
+environment) are "command-api@small" and so on, and the base build of an
+A/B (bench.sh `AB_BASE`: BENCH_STORE=base) is "command-api@base". Per sample and group: number of processes, CPU% over the interval
 (100 = one core busy; summed over the group), RSS (summed, MiB) and PSS (MiB;
 shared pages divided among their users, so postgres' shared buffers are not
 counted once per backend; from /proc/PID/smaps_rollup when readable). PSS
@@ -78,35 +79,43 @@ def base_name(pid):
     return "kernel-reclaim" if nm and reclaim_thread(nm) else nm
 
 
-# bench.sh's INTERLEAVE=1 runs a second stack for the small store, its
-# services started with this in their environment.
-SECOND_STORE = b"BENCH_STORE=small"
+# bench.sh's INTERLEAVE=1 runs a second stack for the small store, and its
+# A/B a second build of one service, started with BENCH_STORE=small or
+# BENCH_STORE=base in their environment.
+STORE_VAR = b"BENCH_STORE="
+STORES = ("small", "base")
 SERVICES = ("command-api", "query-api", "projector")
 
 
 def second_store(pid):
-    """None while the environment is not there yet: a process caught in its
-    exec has an empty one for a moment, and is asked again next time."""
+    """The BENCH_STORE a service was started with ("" for none). None while
+    the environment is not there yet: a process caught in its exec has an
+    empty one for a moment, and is asked again next time."""
     try:
         with open("/proc/%s/environ" % pid, "rb") as f:
             env = f.read()
     except OSError:
-        return False
+        return ""
     if not env:
         return None
-    return SECOND_STORE in env.split(b"\0")
+    for var in env.split(b"\0"):
+        if var.startswith(STORE_VAR):
+            store = var[len(STORE_VAR):].decode(errors="replace")
+            return store if store in STORES else ""
+    return ""
 
 
 def classify(pid, nm, cache):
     """nginx serving the floor (a master started with the floor's config, and
     its workers) is reported as nginx-floor, apart from the gateway's nginx;
-    a service of the small store's stack as <name>@small."""
+    a service of the small store's stack as <name>@small, an A/B's base
+    build as <name>@base."""
     if nm in SERVICES:
         if pid not in cache:
-            small = second_store(pid)
-            if small is None:
+            store = second_store(pid)
+            if store is None:
                 return nm
-            cache[pid] = nm + "@small" if small else nm
+            cache[pid] = nm + "@" + store if store else nm
         return cache[pid]
     if nm != "nginx":
         return nm

@@ -5,6 +5,10 @@ figures.json; or compare two of them.
   report.py DIR [--floor-from DIR2]         # DIR/report.md, DIR/<scenario>.png, DIR/figures.json
   report.py --compare SMALL LARGE --out DIR # DIR/compare.md, DIR/compare.json (and prints it)
 
+--compare sets two sides against each other: two sizes of the store
+(COMPARE=1), or two builds of a service on one store (bench.sh AB_BASE, whose
+scale.json files say so); for an A/B, SMALL is the base and LARGE the head.
+
 DIR holds what loadtest/bench.sh writes per scenario <name>:
   <name>.json / <name>.floor.json          k6 summaries (handleSummary)
   <name>.meta.json / <name>.floor.meta.json  rate, duration, start/end, exit code
@@ -85,7 +89,8 @@ TARGET_TEXT = {
 }
 CONTRACT_MS = 500
 RECORDS_PER_S = 100000
-PROCS = ["command-api", "query-api", "projector", "command-api@small", "query-api@small", "projector@small", "postgres", "redis-server", "beam.smp", "nginx", "k6", "nginx-floor", "kernel-reclaim", "_machine"]
+PROCS = ["command-api", "query-api", "projector", "command-api@small", "query-api@small", "projector@small",
+         "command-api@base", "query-api@base", "postgres", "redis-server", "beam.smp", "nginx", "k6", "nginx-floor", "kernel-reclaim", "_machine"]
 
 
 def ensure_matplotlib():
@@ -1069,7 +1074,20 @@ def report(d, floor_dir=None, quiet=False):
     return results
 
 
-def rounds_verdict(tested):
+# The words for the two sides of a comparison: two sizes of the store
+# (COMPARE=1), or two builds of one service on the same store (bench.sh
+# AB_BASE: its scale.json files carry "ab").
+SCALE_SIDES = {"a": "small", "b": "large", "a_pass": "the small pass", "b_pass": "the large pass",
+               "both": "the two sizes", "pass": "pass", "shows": "A larger store would show in every second instead."}
+AB_SIDES = {"a": "base", "b": "head", "a_pass": "the base build", "b_pass": "the head build",
+            "both": "the two builds", "pass": "build", "shows": "A slower build would show in every second instead."}
+
+
+def sides_of(scale_a, scale_b):
+    return AB_SIDES if (scale_a or {}).get("ab") and (scale_b or {}).get("ab") else SCALE_SIDES
+
+
+def rounds_verdict(tested, sides=SCALE_SIDES):
     """One sentence on what the rounds show of the figures that have them."""
     def n(xs):
         return len([x for x in xs or [] if x is not None])
@@ -1079,15 +1097,15 @@ def rounds_verdict(tested):
     # Figures can have different round counts (a round that errored has no p99).
     floor = min(1 / math.comb(n(r.get("p99_rounds_small")) + n(r.get("p99_rounds_large")),
                               n(r.get("p99_rounds_large"))) for r in tested)
-    s = ("Beyond the rounds' spread (an exact one-sided Mann–Whitney test of the large pass's p99 per round "
-         "against 1.10 × the small pass's; *Rounds* below): %d of %d figures are shown more than 10%% worse "
-         "(p ≤ %.2f)" % (len(shown), len(tested), SIGNIFICANCE))
+    s = ("Beyond the rounds' spread (an exact one-sided Mann–Whitney test of %s's p99 per round "
+         "against 1.10 × %s's; *Rounds* below): %d of %d figures are shown more than 10%% worse "
+         "(p ≤ %.2f)" % (sides["b_pass"], sides["a_pass"], len(shown), len(tested), SIGNIFICANCE))
     if shown:
         s += ": " + ", ".join("%s %s" % (r["scenario"], r["figure"]) for r in shown)
     s += "."
     if failed:
         s += (" Of the %d that fail by their medians, %d are within the rounds' spread: for those, these rounds "
-              "cannot tell the two sizes apart." % (len(failed), len(within)))
+              "cannot tell %s apart." % (len(failed), len(within), sides["both"]))
     s += " With these rounds the smallest p possible is %.3f." % floor
     return s
 
@@ -1145,7 +1163,7 @@ def typical_second(small_rounds, large_rounds):
 SECOND_VERDICT = {"within": "shown ≤ 10% worse", "worse": "**shown > 10% worse**", "open": "cannot tell"}
 
 
-def seconds_section(rows):
+def seconds_section(rows, sides=SCALE_SIDES):
     """compare.md's section on the typical second (rows with a typical_second)."""
     rs = [r for r in rows if r.get("second_verdict")]
     if not rs:
@@ -1156,24 +1174,26 @@ def seconds_section(rows):
          "A run's p99 is set by its slowest few seconds, and here most of those are the load generator's own: k6's garbage "
          "collector runs every 4-8 s at 3,000 requests/s, and the second it runs in has a p99 several times the others, "
          "against the static floor as much as against the service (loadtest/RUNS.md, \"A twenty-sixth run\"). "
-         "A larger store would show in every second instead. So the p99 of each second (k6's per-second timelines) is "
-         "compared as well: *ratio* is the median, over every pair of seconds from the same round, of large / small "
+         "%s So the p99 of each second (k6's per-second timelines) is "
+         "compared as well: *ratio* is the median, over every pair of seconds from the same round, of %s / %s "
          "(Hodges-Lehmann); its 95%% interval is the wider of a rank interval over the seconds and a t interval over the "
          "rounds' own ratios. An interval whose top is at most 1.10 shows the figure at most 10%% worse; one whose bottom "
          "is above 1.10 shows it worse. *Slow seconds* counts, over every round, the seconds whose p99 is over %g × their run's "
-         "median second, and how many of them were at one of k6's garbage collections (when its log says)." % SLOW_SECOND,
+         "median second, and how many of them were at one of k6's garbage collections (when its log says)." % (
+             sides["shows"], sides["b"], sides["a"], SLOW_SECOND),
          ""]
     if ctrl:
         nf = sum(1 for r in rs if r.get("floor_second") and 1 / 1.10 <= r["floor_second"]["second_lo"]
                  and r["floor_second"]["second_hi"] <= 1.10)
-        L += ["The floor ran twice in each pair (`FLOOR_BOTH=1`), between the two sizes and after them. Compared the same "
+        L += ["The floor ran twice in each pair (`FLOOR_BOTH=1`), between %s and after them. Compared the same "
               "way, the second floor run against the first is the method's control, two runs of the same thing: "
               "for %d of %d figures the floor's interval lies within 10%% either way (0.91–1.10; *floor*: ratio and "
-              "interval)." % (nf, len(rs)), ""]
+              "interval)." % (sides["both"], nf, len(rs)), ""]
     L += ["By the typical second, %d of %d figures are shown at most 10%% worse, %d more than 10%% worse, and %d cannot be "
           "told from 10%% with these rounds." % (n["within"], len(rs), n["worse"], n["open"]),
           "",
-          "| scenario | figure | second's p99, small | large | ratio | 95% interval | per round | slow seconds, small / large | verdict |"
+          "| scenario | figure | second's p99, %s | %s | ratio | 95%% interval | per round | slow seconds, %s / %s | verdict |" % (
+              sides["a"], sides["b"], sides["a"], sides["b"])
           + (" floor |" if ctrl else ""),
           "|---|---|---:|---:|---:|---|---|---:|---|" + ("---|" if ctrl else "")]
     for r in rs:
@@ -1202,9 +1222,9 @@ def rate_rounds(small, large):
             "rate_lo": lo, "rate_hi": hi, "rate_verdict": "within" if hi <= 1.10 else ("worse" if lo > 1.10 else "open")}
 
 
-def rate_rounds_line(r):
-    return ("%s %s over %d paired rounds (small / large by round: %s): %.2f, 95%% interval %.2f–%.2f (t over the rounds), %s." % (
-        r["scenario"], r["figure"], r["rate_pairs"], " / ".join("%.2f" % x for x in r["rate_round_ratios"]),
+def rate_rounds_line(r, sides=SCALE_SIDES):
+    return ("%s %s over %d paired rounds (%s / %s by round: %s): %.2f, 95%% interval %.2f–%.2f (t over the rounds), %s." % (
+        r["scenario"], r["figure"], r["rate_pairs"], sides["a"], sides["b"], " / ".join("%.2f" % x for x in r["rate_round_ratios"]),
         r["rate_ratio"], r["rate_lo"], r["rate_hi"], SECOND_VERDICT[r["rate_verdict"]]))
 
 
@@ -1240,6 +1260,9 @@ def compare(small, large, out):
             fj = load_json(os.path.join(d, "figures.json"))
         return fj
     s, l = load(small), load(large)
+    ss = (s.get("scale") or {})
+    ls = (l.get("scale") or {})
+    sides = sides_of(ss, ls)
     sidx = {r["name"]: r for r in s["results"]}
     lidx = {r["name"]: r for r in l["results"]}
     rows = []
@@ -1278,29 +1301,36 @@ def compare(small, large, out):
             rows.append(row)
         if name == "batch" and a.get("records_per_s") and b.get("records_per_s"):
             ratio = a["records_per_s"] / b["records_per_s"]  # >1: worse at scale
-            row = {"scenario": name, "figure": "records/s (small/large)", "p99_small": a["records_per_s"],
+            row = {"scenario": name, "figure": "records/s (%s/%s)" % (sides["a"], sides["b"]), "p99_small": a["records_per_s"],
                    "p99_large": b["records_per_s"], "p99_ratio": ratio, "pass": ratio <= 1.10, "is_rate": True}
             paired = rate_rounds(a.get("records_per_s_rounds"), b.get("records_per_s_rounds"))
             if paired:
                 row.update(paired)
             rows.append(row)
-    ss = (s.get("scale") or {})
-    ls = (l.get("scale") or {})
     nr = max(s.get("rounds") or 1, l.get("rounds") or 1)
-    L = ["# Scale comparison", "",
-         "Same scenarios at %s and %s records (watermark after: ~%s and ~%s). Ratio = large / small (for records/s: small / large); ≤ 1.10 passes (issue 4: no figure more than 10%% worse)." % (
-             fmt_num(ss.get("scale")), fmt_num(ls.get("scale")), fmt_num(ss.get("records_after")), fmt_num(ls.get("records_after"))),
-         ]
     interleaved = bool(ss.get("interleaved"))
-    if interleaved:
+    if sides is AB_SIDES:
+        a, b = ss["ab"], ls["ab"]
+        L = ["# A/B comparison", "",
+             "The same scenarios against two builds of `%s` on one store (watermark after: ~%s): base `%s`, head `%s`. "
+             "Each scenario ran against one build, then (with the floor between them) the other, the base first in odd rounds "
+             "and the head first in even ones, so that a change in the machine's speed over minutes falls on both alike. "
+             "Ratio = head / base (for records/s: base / head); ≤ 1.10 passes (the head no more than 10%% worse)." % (
+                 b.get("service"), fmt_num(ls.get("records_after")), a.get("rev"), b.get("rev"))]
+    else:
+        L = ["# Scale comparison", "",
+             "Same scenarios at %s and %s records (watermark after: ~%s and ~%s). Ratio = large / small (for records/s: small / large); ≤ 1.10 passes (issue 4: no figure more than 10%% worse)." % (
+                 fmt_num(ss.get("scale")), fmt_num(ls.get("scale")), fmt_num(ss.get("records_after")), fmt_num(ls.get("records_after"))),
+             ]
+    if interleaved and sides is SCALE_SIDES:
         L += ["", "The two sizes were two stores, interleaved (bench.sh `INTERLEAVE=1`): each scenario ran at one size, then against the floor, then at the other size, "
               "the small store first in odd rounds and the large one first in even rounds, so that a change in the machine's speed over minutes falls on both sizes alike."]
     if nr > 1:
         batch_once = any(r.get("is_rate") and not r.get("rate_pairs") for r in rows)
-        L += ["", "Each pass ran its scenarios %d times, round-robin; every figure is the median over the rounds%s, so a ratio is one of medians. The per-round p99s are under *Rounds* below." % (
-            nr, " (batch ran once per pass, in the last round)" if batch_once else "")]
+        L += ["", "Each %s ran its scenarios %d times, round-robin; every figure is the median over the rounds%s, so a ratio is one of medians. The per-round p99s are under *Rounds* below." % (
+            sides["pass"], nr, " (batch ran once per %s, in the last round)" % sides["pass"] if batch_once else "")]
     L += [
-         "", "| scenario | figure | p50 small | p50 large | p99 small | p99 large | p99 ratio | p95 ratio | max ratio | verdict |",
+         "", "| scenario | figure | p50 {a} | p50 {b} | p99 {a} | p99 {b} | p99 ratio | p95 ratio | max ratio | verdict |".format(**sides),
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.get("is_rate"):
@@ -1315,16 +1345,16 @@ def compare(small, large, out):
     L.append("Overall: %s (%d figures)." % ("PASS" if ok else "FAIL", len(rows)))
     tested = [r for r in rows if r.get("rounds_p") is not None]
     if tested:
-        L += ["", rounds_verdict(tested)]
+        L += ["", rounds_verdict(tested, sides)]
     for r in rows:
         if r.get("rate_pairs"):
-            L += ["", rate_rounds_line(r)]
+            L += ["", rate_rounds_line(r, sides)]
     if nr > 1:
         L += ["", "## Rounds", "",
-              "*> 1.10 ×* is the share of (small round, large round) pairs in which the large round's p99 is more than 1.10 × the small round's; "
-              "*p* is the chance of a share at least that large if the large pass's rounds were no different from 1.10 × the small pass's." +
-              (" *Paired* is each round's large p99 over the same round's small p99: the two ran minutes apart." if interleaved else ""), "",
-              "| scenario | figure | p99 per round, small | p99 per round, large | > 1.10 × | p |" + (" paired |" if interleaved else ""),
+              "*> 1.10 ×* is the share of ({a} round, {b} round) pairs in which the {b} round's p99 is more than 1.10 × the {a} round's; "
+              "*p* is the chance of a share at least that large if {b_pass}'s rounds were no different from 1.10 × {a_pass}'s.".format(**sides) +
+              (" *Paired* is each round's {b} p99 over the same round's {a} p99: the two ran minutes apart.".format(**sides) if interleaved else ""), "",
+              "| scenario | figure | p99 per round, {a} | p99 per round, {b} | > 1.10 × | p |".format(**sides) + (" paired |" if interleaved else ""),
               "|---|---|---|---|---:|---:|" + ("---|" if interleaved else "")]
         for r in rows:
             if r.get("is_rate"):
@@ -1338,9 +1368,10 @@ def compare(small, large, out):
             if interleaved:
                 line += " %s |" % (" / ".join(paired_ratios(r.get("p99_rounds_small"), r.get("p99_rounds_large"))) or "–")
             L.append(line)
-    L += seconds_section(rows)
+    L += seconds_section(rows, sides)
     L.append("")
-    L.append("Details: [small](%s/report.md), [large](%s/report.md)." % (os.path.relpath(small, out), os.path.relpath(large, out)))
+    L.append("Details: [%s](%s/report.md), [%s](%s/report.md)." % (
+        sides["a"], os.path.relpath(small, out), sides["b"], os.path.relpath(large, out)))
     md = "\n".join(L) + "\n"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as f:

@@ -16,7 +16,8 @@ SCRIPT = os.path.join(HERE, "bench.sh")
 DEFAULTS = {
     "COMPARE": "0", "INTERLEAVE": "", "ROUNDS": "1", "BATCH_EVERY_ROUND": "0",
     "FLOOR_RUNS": "1", "FLOOR_BOTH": "0", "SEED_MODE": "topup", "BENCH_SELFTEST": "0",
-    "SOAK": "0", "SCENARIOS": "read_id batch",
+    "SOAK": "0", "SCENARIOS": "read_id batch", "AB_BASE": "", "AB_BIN": "", "AB_SERVICE": "command-api",
+    "AB_PORT": "8190", "GATEWAY": "0",
 }
 
 
@@ -56,6 +57,26 @@ class BenchGuards(unittest.TestCase):
 
     def test_floor_both_needs_the_floor_runs(self):
         self.refused("FLOOR_BOTH=1 adds floor runs to FLOOR_RUNS=1's", FLOOR_BOTH="1", FLOOR_RUNS="0")
+
+    def test_an_ab_runs_one_service_beside_the_stack(self):
+        self.refused("AB_SERVICE must be command-api or query-api, not 'projector'",
+                     AB_BASE="HEAD", AB_SERVICE="projector")
+        self.refused("AB_BASE/AB_BIN compares two builds on one store: not with COMPARE=1",
+                     AB_BASE="HEAD", COMPARE="1")
+        self.refused("AB_BASE/AB_BIN: not with GATEWAY=1", AB_BASE="HEAD", GATEWAY="1")
+        self.refused("AB_BASE/AB_BIN runs a real service: not with BENCH_SELFTEST=1",
+                     AB_BASE="HEAD", BENCH_SELFTEST="1")
+        self.refused("AB_PORT must be a port number", AB_BASE="HEAD", AB_PORT="http")
+
+    def test_an_ab_needs_one_base_that_exists(self):
+        self.refused("AB_BASE=no-such-revision is not a commit of this repository", AB_BASE="no-such-revision")
+        self.refused("AB_BIN=/nonexistent/command-api is not an executable file", AB_BIN="/nonexistent/command-api")
+        self.refused("AB_BASE (a revision to build) or AB_BIN (a binary built already), not both",
+                     AB_BASE="HEAD", AB_BIN="/bin/true")
+
+    def test_an_ab_of_a_revision_or_a_binary_is_accepted(self):
+        self.refused("unknown scenario 'no_such'", AB_BASE="HEAD", AB_SERVICE="query-api", SCENARIOS="no_such")
+        self.refused("unknown scenario 'no_such'", AB_BIN="/bin/true", SCENARIOS="no_such")
 
 
 if __name__ == "__main__":

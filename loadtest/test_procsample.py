@@ -79,6 +79,15 @@ class SecondStore(unittest.TestCase):
             # only the services are told apart: postgres backends serve both stores
             self.assertEqual(procsample.classify(str(child.pid), "postgres", {}), "postgres")
 
+    def test_the_base_build_of_an_ab_is_its_own_group(self):
+        with started_child(dict(os.environ, BENCH_STORE="base")) as child:
+            self.assertEqual(procsample.classify(str(child.pid), "command-api", {}), "command-api@base")
+
+    def test_a_store_it_does_not_know_is_not_a_group(self):
+        # a process table of ten names per run would not read: only the two bench.sh sets
+        with started_child(dict(os.environ, BENCH_STORE="other")) as child:
+            self.assertEqual(procsample.classify(str(child.pid), "command-api", {}), "command-api")
+
     def test_a_service_with_no_environment_yet_is_asked_again(self):
         # An empty environment is what /proc shows of a process in its exec:
         # not cached, so that the next sample tells its store.

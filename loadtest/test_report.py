@@ -261,7 +261,7 @@ class CompareMedians(unittest.TestCase):
         self.assertFalse(row["pass"])
         self.assertIn("10.0 ms / 30.0 ms / 11.0 ms", md)
 
-    def compare_rounds(self, small, large, interleaved=False):
+    def compare_rounds(self, small, large, interleaved=False, ab=False):
         with tempfile.TemporaryDirectory() as out:
             dirs = {}
             for scale, p99s in (("small", small), ("large", large)):
@@ -269,6 +269,9 @@ class CompareMedians(unittest.TestCase):
                 os.makedirs(d)
                 merged = report.merge_rounds([result("list", x) if x is not None else None for x in p99s])
                 sj = {"scale": 1, "interleaved": True} if interleaved else {"scale": 1}
+                if ab:
+                    side = "base" if scale == "small" else "head"
+                    sj.update(interleaved=True, ab={"side": side, "service": "query-api", "rev": side + "-rev"})
                 with open(os.path.join(d, "figures.json"), "w") as f:
                     json.dump({"scale": sj, "rounds": len(p99s), "results": [merged]}, f)
                 dirs[scale] = d
@@ -288,6 +291,20 @@ class CompareMedians(unittest.TestCase):
         _, plain = self.compare_rounds([4.0, 8.0, 16.0], [4.2, 8.4, 16.8])
         self.assertNotIn("interleaved", plain)
         self.assertNotIn("paired", plain)
+
+    def test_an_ab_names_its_builds_not_sizes(self):
+        row, md = self.compare_rounds([4.0, 8.0, 16.0], [4.4, 8.0, 16.0], ab=True)
+        self.assertAlmostEqual(row["p99_ratio"], 1.0)
+        self.assertTrue(md.startswith("# A/B comparison"), md[:80])
+        self.assertIn("two builds of `query-api` on one store", md)
+        self.assertIn("base `base-rev`, head `head-rev`", md)
+        self.assertIn("| p99 base | p99 head |", md)
+        self.assertIn("| 1.10 / 1.00 / 1.00 |", md)
+        self.assertIn("head build's p99 per round", md)
+        self.assertIn("Details: [base](small/report.md), [head](large/report.md).", md)
+        text = md.split("Details:")[0]  # the test's directories are named small and large
+        for sized in ("small", "large pass", "large round", "two sizes", "two stores"):
+            self.assertNotRegex(text, r"\b%s\b" % sized)
 
     def test_rounds_all_more_than_ten_percent_worse_are_shown_so(self):
         # every large round above 1.1 x every small round: the least likely split of 252
