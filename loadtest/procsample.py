@@ -208,7 +208,8 @@ def main():
                 groups["nginx-floor"] = [0, 0.0, 0, 0, False]
             for sv in SERVICES:
                 if sv in groups:
-                    groups[sv + "@small"] = [0, 0.0, 0, 0, False]
+                    for store in STORES:
+                        groups[sv + "@" + store] = [0, 0.0, 0, 0, False]
             cur = {}
             fresh_pss = sample % max(1, a.pss_every) == 0
             sample += 1

@@ -83,6 +83,32 @@ class SecondStore(unittest.TestCase):
         with started_child(dict(os.environ, BENCH_STORE="base")) as child:
             self.assertEqual(procsample.classify(str(child.pid), "command-api", {}), "command-api@base")
 
+    def test_the_sampler_writes_each_stores_group(self):
+        # The groups the loop adds up into exist for every store: a base
+        # build's process once stopped the sampler with a KeyError.
+        name = procsample.proc_name(str(os.getpid()))
+        sleeps = []
+
+        def sleep(_):
+            sleeps.append(1)
+            if len(sleeps) > 2:
+                raise KeyboardInterrupt
+
+        with started_child(dict(os.environ, BENCH_STORE="base")) as base, \
+                started_child(dict(os.environ, BENCH_STORE="small")), \
+                tempfile.TemporaryDirectory() as tmp:
+            self.assertEqual(procsample.proc_name(str(base.pid)), name)
+            out = os.path.join(tmp, "procs.csv")
+            argv = ["procsample.py", out, "--interval", "0", "--names", name]
+            with mock.patch.object(procsample, "SERVICES", (name,)), \
+                    mock.patch.object(procsample.time, "sleep", sleep), \
+                    mock.patch.object(sys, "argv", argv):
+                with self.assertRaises(KeyboardInterrupt):
+                    procsample.main()
+            with open(out) as f:
+                procs = {line.split(",")[1] for line in f.read().splitlines()[1:]}
+        self.assertTrue({name, name + "@base", name + "@small"} <= procs, procs)
+
     def test_a_store_it_does_not_know_is_not_a_group(self):
         # a process table of ten names per run would not read: only the two bench.sh sets
         with started_child(dict(os.environ, BENCH_STORE="other")) as child:
