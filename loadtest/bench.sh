@@ -6,7 +6,7 @@
 #
 #   SCALE=100000 DURATION=30s loadtest/bench.sh
 #   COMPARE=1 loadtest/bench.sh           # 100k vs 10M records, p99 ratio per figure
-#   AB_BASE=eb75417 SCENARIOS=write loadtest/bench.sh   # that commit's command-api against the stack's
+#   AB_BASE=eb75417 SCENARIOS=write loadtest/bench.sh   # that commit's command-api against the working tree's
 #   SCENARIOS="read_id list" RATE_READ_ID=2000 loadtest/bench.sh
 #
 # Env (defaults):
@@ -26,18 +26,18 @@
 #                       then moves both sizes alike instead of one pass. 0: the sizes as two
 #                       passes, one after the other, in the stack you started (the only way
 #                       with BENCH_SELFTEST=1 or a SEED_MODE other than topup)
-#   AB_BASE=""          A/B of two builds of one service on one store: a git revision whose
-#                       AB_SERVICE=command-api (or query-api) is built here (a git worktree under
-#                       AB_TARGET_DIR=target/ab, cargo build --release there; the first time, that
-#                       target directory starts as a copy of target/release) and run on AB_PORT=8190
-#                       with the environment of the stack's running service, beside it. Each scenario
-#                       then runs against the base and against the stack's own (the head), back to
-#                       back, the base first in odd rounds and the head first in even ones (ABBA),
-#                       ROUNDS times (default 8 here), batch in every round; <OUT>/base and
-#                       <OUT>/head hold the runs, and compare.md the ratio head / base per figure.
-#                       AB_BIN=path: a binary built already instead of AB_BASE. The projector
-#                       cannot be A/B'd this way (two would share one queue). Not with COMPARE=1,
-#                       GATEWAY=1 or BENCH_SELFTEST=1
+#   AB_BASE=""          A/B of two builds of one service on the stack's store: AB_SERVICE=command-api
+#                       (or query-api) is built here at this git revision (the base; in a worktree
+#                       under AB_TARGET_DIR=target/ab) and from this checkout's working tree (the
+#                       head), both as `make up` builds the services (into AB_TARGET_DIR, which
+#                       starts as a copy of target/release), and both run beside the stack, the base
+#                       on AB_PORT=8190 and the head on the next port, with the environment of the
+#                       stack's running service. Each scenario runs against one and then the other,
+#                       the base first in odd rounds and the head first in even ones (ABBA), ROUNDS
+#                       times (default 8 here), batch in every round; <OUT>/base and <OUT>/head hold
+#                       the runs, and compare.md the ratio head / base per figure. AB_BIN=path: a
+#                       binary built already as the base. The projector cannot be A/B'd this way
+#                       (two would share one queue). Not with COMPARE=1, GATEWAY=1 or BENCH_SELFTEST=1
 #   FLOOR_RUNS=1        0: skip the floor runs; FLOOR_PORT=8099
 #   FLOOR_BOTH=0        1 (with COMPARE=1): the large pass runs the floor too (interleaved:
 #                       a second floor run after each pair)
@@ -410,7 +410,7 @@ S_ID_FILE="" L_ID_FILE=""
 # --------------------------------------------------------------- cleanup
 SAMPLER_PID=""
 PROFILER_PID=""
-AB_PID=""
+AB_PID="" HEAD_PID=""
 K6_PID=""
 FLOOR_STARTED=0
 SELFTEST_STARTED=0
@@ -421,7 +421,7 @@ cleanup() {
   [ -n "$PROFILER_PID" ] && { pkill -P "$PROFILER_PID" 2>/dev/null; kill "$PROFILER_PID" 2>/dev/null; }
   if [ "$FLOOR_STARTED" = 1 ]; then FLOOR_PORT="$FLOOR_PORT" "$HERE/floor/floor.sh" stop || true; fi
   stop_small_stack
-  [ -n "$AB_PID" ] && ab_stop
+  [ -n "$AB_PID$HEAD_PID" ] && ab_stop
   if [ "$SELFTEST_STARTED" = 1 ]; then
     FLOOR_PORT="$SELFTEST_PORT" FLOOR_DIR="$ROOT/loadtest/results/selftest-stack" "$HERE/floor/floor.sh" stop || true
   fi
@@ -498,8 +498,8 @@ dirty_mb() { awk '/^(Dirty|Writeback):/{kb += $2} END{printf "%d", kb / 1024}' /
 # wait for the dirty pages to drain and the cores to go idle, and write down
 # how long that took. (It cannot see a VM that reclaims page cache later,
 # under the run's own demand: run s15-cmp2 in loadtest/RUNS.md.)
-quiet_machine() { # log file
-  local logf="$1" t0 busy dirty calm=0 url
+quiet_machine() { # log file [what it follows]
+  local logf="$1" what="${2:-the seed}" t0 busy dirty calm=0 url
   [ "$QUIET_TIMEOUT" -gt 0 ] || return 0
   t0=$(date +%s)
   # READ_DATABASE_URLS is comma-separated; the first one is the read model.
@@ -522,7 +522,7 @@ quiet_machine() { # log file
       break
     fi
   done
-  log_to "$logf" "quiet after the seed in $(($(date +%s) - t0)) s (dirty ${dirty} MB, ${busy}% busy)"
+  log_to "$logf" "quiet after $what in $(($(date +%s) - t0)) s (dirty ${dirty} MB, ${busy}% busy)"
 }
 
 SEED_BIN="${SEED_BIN:-target/release/projector}"
@@ -815,38 +815,53 @@ interleaved() {
 }
 
 # --------------------------------------------------------------- A/B
-# AB_BASE / AB_BIN: a second build of one service beside the stack's, on the
-# same store. The head is the stack's running service, whatever it was
-# built from.
-AB_URL="http://127.0.0.1:$AB_PORT"
+# AB_BASE / AB_BIN: two builds of one service beside the stack, on its store.
+# Both are built here the same way (the head from this checkout's working
+# tree) and both started here, fresh, with the same environment: an A/A of
+# the stack's own command-api, running for an hour and built with the whole
+# workspace, against a fresh one built alone found the fresh one slower in 7
+# of 8 pairs (loadtest/RUNS.md, "A thirty-ninth run").
 AB_LABEL="" HEAD_LABEL=""
 AB_WORKTREE="$AB_TARGET_DIR/src"
+ab_port() { if [ "$1" = base ]; then echo "$AB_PORT"; else echo $((AB_PORT + 1)); fi; }
 
-# ab_build: the base revision's service, built in a worktree of its own.
-# The dependencies' builds are reused from one A/B to the next; the
-# workspace's own crates are rebuilt (their files are new), at the same path
-# each time, so that their artifacts replace the last ones instead of
+# ab_build <side> <source dir> <log>: the service built as `make up` builds
+# it (the three services together, so that their dependencies' features are
+# unified alike), copied to <OUT>/ab-<side>/. The dependencies' builds are
+# reused from one A/B to the next; the base's worktree is at the same path
+# each time, so that its crates' artifacts replace the last ones instead of
 # piling up beside them.
 ab_build() {
-  local rev logf="$OUT/ab-base/build.log"
-  rev="$(git -C "$ROOT" rev-parse --short "$AB_BASE^{commit}")"
+  local side="$1" src="$2" logf="$3" t0=$SECONDS rc=0
+  log "A/B: building the $side's $AB_SERVICE in $src (log $logf)"
+  (cd "$src" && CARGO_TARGET_DIR="$AB_TARGET_DIR" cargo build --release -p command-api -p query-api -p projector) >>"$logf" 2>&1 || rc=$?
+  [ "$rc" = 0 ] || { tail -20 "$logf" >&2; die "A/B: the $side's build failed ($logf)"; }
+  cp "$AB_TARGET_DIR/release/$AB_SERVICE" "$OUT/ab-$side/$AB_SERVICE" || die "A/B: could not copy the $side's binary"
+  log "A/B: built the $side in $((SECONDS - t0)) s"
+}
+
+ab_build_both() {
+  local rev
   if [ ! -d "$AB_TARGET_DIR/release" ] && [ -d "$CARGO_TARGET/release" ]; then
-    log "A/B: $AB_TARGET_DIR starts as a copy of $CARGO_TARGET/release (the base's build then compiles only its own crates)"
+    log "A/B: $AB_TARGET_DIR starts as a copy of $CARGO_TARGET/release (the builds then compile only the workspace's crates)"
     mkdir -p "$AB_TARGET_DIR" && cp -a "$CARGO_TARGET/release" "$AB_TARGET_DIR/" ||
       die "could not copy $CARGO_TARGET/release to $AB_TARGET_DIR"
   fi
-  git -C "$ROOT" worktree remove --force "$AB_WORKTREE" >/dev/null 2>&1
-  rm -rf "$AB_WORKTREE"
-  git -C "$ROOT" worktree prune
-  git -C "$ROOT" worktree add --detach "$AB_WORKTREE" "$rev" >>"$logf" 2>&1 || die "A/B: git worktree add failed ($logf)"
-  log "A/B: building $AB_SERVICE at $rev (cargo build --release; log $logf)"
-  local t0=$SECONDS rc=0
-  (cd "$AB_WORKTREE" && CARGO_TARGET_DIR="$AB_TARGET_DIR" cargo build --release -p "$AB_SERVICE") >>"$logf" 2>&1 || rc=$?
-  git -C "$ROOT" worktree remove --force "$AB_WORKTREE" >/dev/null 2>&1
-  [ "$rc" = 0 ] || { tail -20 "$logf" >&2; die "A/B: the build of $AB_SERVICE at $rev failed ($logf)"; }
-  log "A/B: built in $((SECONDS - t0)) s"
-  AB_BIN="$AB_TARGET_DIR/release/$AB_SERVICE"
-  AB_LABEL="$rev"
+  if [ -n "$AB_BASE" ]; then
+    rev="$(git -C "$ROOT" rev-parse --short "$AB_BASE^{commit}")"
+    git -C "$ROOT" worktree remove --force "$AB_WORKTREE" >/dev/null 2>&1
+    rm -rf "$AB_WORKTREE"
+    git -C "$ROOT" worktree prune
+    git -C "$ROOT" worktree add --detach "$AB_WORKTREE" "$rev" >>"$OUT/ab-base/build.log" 2>&1 ||
+      die "A/B: git worktree add failed ($OUT/ab-base/build.log)"
+    ab_build base "$AB_WORKTREE" "$OUT/ab-base/build.log"
+    git -C "$ROOT" worktree remove --force "$AB_WORKTREE" >/dev/null 2>&1
+    AB_LABEL="$rev"
+  else
+    cp "$AB_BIN" "$OUT/ab-base/$AB_SERVICE" || die "A/B: could not copy AB_BIN"
+    AB_LABEL="$AB_BIN"
+  fi
+  ab_build head "$ROOT" "$OUT/ab-head/build.log"
 }
 
 # The pid listening on a local TCP port (ss, else fuser).
@@ -857,47 +872,59 @@ listener_pid() {
   [ -n "$pid" ] && echo "$pid"
 }
 
-# ab_start: the base on AB_PORT, with the environment of the stack's own
-# service (its databases, broker, pool sizes and AUTH_DISABLED, as `make up`
-# set them), so that the build is the only difference.
-ab_start() {
-  local url port pid envs=() t0 dir="$OUT/ab-base"
+# The environment of the stack's own service (its databases, broker, pool
+# sizes and AUTH_DISABLED, as `make up` set them), into AB_ENV.
+AB_ENV=()
+ab_env() {
+  local url port pid
   url="$([ "$AB_SERVICE" = command-api ] && echo "$L_CMD_URL" || echo "$L_QUERY_URL")"
   port="${url##*:}"
   port="${port%%/*}"
   pid="$(listener_pid "$port")" ||
-    die "A/B: no process listens on :$port here; the base runs beside a stack on this machine, with its service's environment"
+    die "A/B: no process listens on :$port here; the builds run beside a stack on this machine, with its service's environment"
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$AB_SERVICE" ] ||
     die "A/B: :$port is $(cat "/proc/$pid/comm" 2>/dev/null || echo '?') (pid $pid), not $AB_SERVICE"
-  mapfile -d '' envs <"/proc/$pid/environ" 2>/dev/null
-  [ "${#envs[@]}" -gt 0 ] || die "A/B: cannot read the environment of $AB_SERVICE (pid $pid)"
-  port_free "$AB_PORT" || die "A/B: AB_PORT $AB_PORT is taken"
-  # BENCH_STORE tells procsample.py the base's process from the head's.
-  env -i "${envs[@]}" HTTP_PORT="$AB_PORT" BENCH_STORE=base setsid "$AB_BIN" >"$dir/$AB_SERVICE.log" 2>&1 </dev/null &
-  AB_PID=$!
+  mapfile -d '' AB_ENV <"/proc/$pid/environ" 2>/dev/null
+  [ "${#AB_ENV[@]}" -gt 0 ] || die "A/B: cannot read the environment of $AB_SERVICE (pid $pid)"
+}
+
+# ab_start <side>: that side's build on its port. BENCH_STORE tells
+# procsample.py the two processes apart.
+ab_start() {
+  local side="$1" port pid t0 dir="$OUT/ab-$1"
+  port="$(ab_port "$side")"
+  port_free "$port" || die "A/B: port $port is taken (AB_PORT=$AB_PORT takes it and the next)"
+  env -i "${AB_ENV[@]}" HTTP_PORT="$port" BENCH_STORE="$side" setsid "$dir/$AB_SERVICE" >"$dir/$AB_SERVICE.log" 2>&1 </dev/null &
+  pid=$!
+  if [ "$side" = base ]; then AB_PID=$pid; else HEAD_PID=$pid; fi
   t0=$(date +%s)
-  until ready "$AB_URL" 2>/dev/null; do
-    kill -0 "$AB_PID" 2>/dev/null || { tail -20 "$dir/$AB_SERVICE.log" >&2; AB_PID=""; die "A/B: the base $AB_SERVICE exited ($dir/$AB_SERVICE.log)"; }
-    [ $(($(date +%s) - t0)) -lt 60 ] || { tail -20 "$dir/$AB_SERVICE.log" >&2; die "A/B: the base $AB_SERVICE was not ready after 60 s"; }
+  until ready "http://127.0.0.1:$port" 2>/dev/null; do
+    kill -0 "$pid" 2>/dev/null || { tail -20 "$dir/$AB_SERVICE.log" >&2; die "A/B: the $side's $AB_SERVICE exited ($dir/$AB_SERVICE.log)"; }
+    [ $(($(date +%s) - t0)) -lt 60 ] || { tail -20 "$dir/$AB_SERVICE.log" >&2; die "A/B: the $side's $AB_SERVICE was not ready after 60 s"; }
     sleep 0.5
   done
-  log "A/B: base $AB_SERVICE ($AB_LABEL) ready on $AB_URL; head: the stack's, on $url ($HEAD_LABEL)"
+  log "A/B: the $side's $AB_SERVICE ($([ "$side" = base ] && echo "$AB_LABEL" || echo "$HEAD_LABEL")) ready on :$port"
 }
 
 ab_stop() {
-  [ -n "$AB_PID" ] || return 0
-  local i
-  kill -TERM "$AB_PID" 2>/dev/null
-  for i in $(seq 1 40); do kill -0 "$AB_PID" 2>/dev/null || break; sleep 0.5; done
-  kill -KILL "$AB_PID" 2>/dev/null
-  AB_PID=""
+  local pid i
+  for pid in $AB_PID $HEAD_PID; do
+    kill -TERM "$pid" 2>/dev/null
+    for i in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL "$pid" 2>/dev/null
+  done
+  AB_PID="" HEAD_PID=""
 }
 
-# use_side base|head: the base's URL for its service, the stack's for the rest.
+# use_side base|head|stack: that side's URL for the service under test, the
+# stack's for the rest.
 use_side() {
   CMD_URL="$L_CMD_URL" QUERY_URL="$L_QUERY_URL"
-  if [ "$1" = base ]; then
-    if [ "$AB_SERVICE" = command-api ]; then CMD_URL="$AB_URL"; else QUERY_URL="$AB_URL"; fi
+  [ "$1" = stack ] && return 0
+  if [ "$AB_SERVICE" = command-api ]; then
+    CMD_URL="http://127.0.0.1:$(ab_port "$1")"
+  else
+    QUERY_URL="http://127.0.0.1:$(ab_port "$1")"
   fi
 }
 
@@ -908,7 +935,7 @@ run_ab() {
   mkdir -p "$rd"
   use_side "$1"
   run_k6 "$2" "$rd" "$4"
-  use_side head
+  use_side stack
   [ "$4" = 1 ] || settle
   sleep "$COOLDOWN"
 }
@@ -923,22 +950,23 @@ ab_json() { # base|head
 # stores. Batch runs in every round: both builds grow the one store alike.
 ab_runs() {
   local r s first second side
-  mkdir -p "$OUT/ab-base" "$OUT/base" "$OUT/head"
-  HEAD_LABEL="the stack's, tree at $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+  mkdir -p "$OUT/ab-base" "$OUT/ab-head" "$OUT/base" "$OUT/head"
+  HEAD_LABEL="working tree at $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
   [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ] && HEAD_LABEL="$HEAD_LABEL with uncommitted changes"
-  if [ -n "$AB_BASE" ]; then
-    ab_build
-    quiet_machine "$OUT/ab-base/build.log"
-  else
-    AB_LABEL="$AB_BIN"
-  fi
-  prepare "$OUT/head" "$SCALE" head
-  ab_start
-  use_side base
-  log "warm-up (base): mixed at ${WARMUP_RATE}/s for $WARMUP"
-  run_k6 warmup-mixed "$OUT/base" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
-  rm -f "$OUT/base"/warmup-mixed.*
-  use_side head
+  ab_env
+  ab_build_both
+  quiet_machine "$OUT/ab-head/build.log" "the builds"
+  prepare "$OUT/head" "$SCALE" stack
+  for side in base head; do
+    ab_start "$side"
+  done
+  for side in base head; do
+    use_side "$side"
+    log "warm-up ($side): mixed at ${WARMUP_RATE}/s for $WARMUP"
+    run_k6 warmup-mixed "$OUT/$side" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
+    rm -f "$OUT/$side"/warmup-mixed.*
+  done
+  use_side stack
   settle
   for r in $(seq 1 "$ROUNDS"); do
     if [ $((r % 2)) = 1 ]; then first=base second=head; else first=head second=base; fi

@@ -10,8 +10,9 @@ kernel's page reclaim threads (kswapd, and kdamond when DAMON reclaims cold
 pages) are "kernel-reclaim": on a VM that reclaims page cache proactively,
 the databases' pages are read back from disk between runs. The services
 of a second stack (bench.sh `INTERLEAVE=1`: BENCH_STORE=small in their
-environment) are "command-api@small" and so on, and the base build of an
-A/B (bench.sh `AB_BASE`: BENCH_STORE=base) is "command-api@base". Per sample and group: number of processes, CPU% over the interval
+environment) are "command-api@small" and so on, and the two builds of an
+A/B (bench.sh `AB_BASE`: BENCH_STORE=base and head) "command-api@base" and
+"command-api@head". Per sample and group: number of processes, CPU% over the interval
 (100 = one core busy; summed over the group), RSS (summed, MiB) and PSS (MiB;
 shared pages divided among their users, so postgres' shared buffers are not
 counted once per backend; from /proc/PID/smaps_rollup when readable). PSS
@@ -80,10 +81,10 @@ def base_name(pid):
 
 
 # bench.sh's INTERLEAVE=1 runs a second stack for the small store, and its
-# A/B a second build of one service, started with BENCH_STORE=small or
-# BENCH_STORE=base in their environment.
+# A/B two builds of one service, started with BENCH_STORE=small, base or
+# head in their environment.
 STORE_VAR = b"BENCH_STORE="
-STORES = ("small", "base")
+STORES = ("small", "base", "head")
 SERVICES = ("command-api", "query-api", "projector")
 
 
@@ -108,8 +109,8 @@ def second_store(pid):
 def classify(pid, nm, cache):
     """nginx serving the floor (a master started with the floor's config, and
     its workers) is reported as nginx-floor, apart from the gateway's nginx;
-    a service of the small store's stack as <name>@small, an A/B's base
-    build as <name>@base."""
+    a service of the small store's stack as <name>@small, an A/B's builds
+    as <name>@base and <name>@head."""
     if nm in SERVICES:
         if pid not in cache:
             store = second_store(pid)

@@ -90,7 +90,7 @@ TARGET_TEXT = {
 CONTRACT_MS = 500
 RECORDS_PER_S = 100000
 PROCS = ["command-api", "query-api", "projector", "command-api@small", "query-api@small", "projector@small",
-         "command-api@base", "query-api@base", "postgres", "redis-server", "beam.smp", "nginx", "k6", "nginx-floor", "kernel-reclaim", "_machine"]
+         "command-api@base", "query-api@base", "command-api@head", "query-api@head", "postgres", "redis-server", "beam.smp", "nginx", "k6", "nginx-floor", "kernel-reclaim", "_machine"]
 
 
 def ensure_matplotlib():

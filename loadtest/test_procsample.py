@@ -108,6 +108,7 @@ class SecondStore(unittest.TestCase):
             with open(out) as f:
                 procs = {line.split(",")[1] for line in f.read().splitlines()[1:]}
         self.assertTrue({name, name + "@base", name + "@small"} <= procs, procs)
+        self.assertNotIn(name + "@head", procs, "a group with no process is not written")
 
     def test_a_store_it_does_not_know_is_not_a_group(self):
         # a process table of ten names per run would not read: only the two bench.sh sets
