@@ -38,6 +38,8 @@
 #                       the runs, and compare.md the ratio head / base per figure. AB_BIN=path: a
 #                       binary built already as the base. The projector cannot be A/B'd this way
 #                       (two would share one queue). Not with COMPARE=1, GATEWAY=1 or BENCH_SELFTEST=1
+#   AB_WARMUP_ROUND=1   the A/B first runs each scenario once against each build, not counted
+#                       (into <OUT>/warmup-round); 0: not
 #   FLOOR_RUNS=1        0: skip the floor runs; FLOOR_PORT=8099
 #   FLOOR_BOTH=0        1 (with COMPARE=1): the large pass runs the floor too (interleaved:
 #                       a second floor run after each pair)
@@ -125,6 +127,7 @@ AB_BASE="${AB_BASE:-}"
 AB_BIN="${AB_BIN:-}"
 AB_SERVICE="${AB_SERVICE:-command-api}"
 AB_PORT="${AB_PORT:-8190}"
+AB_WARMUP_ROUND="${AB_WARMUP_ROUND:-1}"
 CARGO_TARGET="$(realpath -m -- "${CARGO_TARGET_DIR:-$ROOT/target}")"
 AB_TARGET_DIR="${AB_TARGET_DIR:-$CARGO_TARGET/ab}"
 AB=0
@@ -828,9 +831,9 @@ ab_port() { if [ "$1" = base ]; then echo "$AB_PORT"; else echo $((AB_PORT + 1))
 # ab_build <side> <source dir> <log>: the service built as `make up` builds
 # it (the three services together, so that their dependencies' features are
 # unified alike), copied to <OUT>/ab-<side>/. The dependencies' builds are
-# reused from one A/B to the next; the base's worktree is at the same path
-# each time, so that its crates' artifacts replace the last ones instead of
-# piling up beside them.
+# reused from one A/B to the next; the workspace's own crates are rebuilt
+# for each side, since cargo names their artifacts by their path within the
+# workspace, which is the same in the worktree as here.
 ab_build() {
   local side="$1" src="$2" logf="$3" t0=$SECONDS rc=0
   log "A/B: building the $side's $AB_SERVICE in $src (log $logf)"
@@ -966,6 +969,22 @@ ab_runs() {
     run_k6 warmup-mixed "$OUT/$side" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
     rm -f "$OUT/$side"/warmup-mixed.*
   done
+  # A round that is not counted: the first run of a scenario after the
+  # builds (which churn the page cache) was the slowest of its A/A by far,
+  # 120 and 255 ms against a median of 40-76, and ABBA gives it to the base.
+  if [ "$AB_WARMUP_ROUND" = 1 ]; then
+    log "A/B: a round not counted, each scenario once a side (AB_WARMUP_ROUND=1)"
+    for s in $SCENARIOS; do
+      [ "$s" = soak ] && continue
+      for side in base head; do
+        use_side "$side"
+        mkdir -p "$OUT/warmup-round/$side"
+        run_k6 "$s" "$OUT/warmup-round/$side" 0
+        use_side stack
+        settle
+      done
+    done
+  fi
   use_side stack
   settle
   for r in $(seq 1 "$ROUNDS"); do
