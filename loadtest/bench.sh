@@ -769,36 +769,43 @@ reset_small_store() {
   prepare_store small "$1"
 }
 
+# run_pair <runner> <one> <two> <round> <scenario>: one scenario on both
+# sides back to back, side one first in odd rounds and side two in even ones
+# (ABBA), with the floor once per pair, between the two, into side one's
+# files (the comparison takes side two's floors from there); FLOOR_BOTH=1
+# adds one after the pair, into side two's, to show how far the floor itself
+# moved within a pair.
+run_pair() {
+  local run="$1" one="$2" two="$3" r="$4" s="$5" first="$2" second="$3"
+  if [ $((r % 2)) = 0 ]; then first="$two" second="$one"; fi
+  "$run" "$first" "$s" "$r" 0
+  [ "$FLOOR_RUNS" = 1 ] && "$run" "$one" "$s" "$r" 1
+  "$run" "$second" "$s" "$r" 0
+  [ "$FLOOR_BOTH" = 1 ] && "$run" "$two" "$s" "$r" 1
+}
+
 # interleaved: COMPARE=1 with the two sizes in two stores. Each scenario runs
 # at one size, then against the floor, then at the other size; odd rounds
 # start with the small store, even rounds with the large one. The files land
 # where a sequential COMPARE puts them (small/, large/, round<N>/), so the
 # reports and the comparison read them alike.
 interleaved() {
-  local sdir="$OUT/small" ldir="$OUT/large" r s first second last
+  local sdir="$OUT/small" ldir="$OUT/large" r s last
   start_small_stack
   # The large store first: its seed is the long one, and the small store's
   # stack stays idle meanwhile.
   prepare_store large "$ldir"
   prepare_store small "$sdir"
   for r in $(seq 1 "$ROUNDS"); do
-    if [ $((r % 2)) = 1 ]; then first=small second=large; else first=large second=small; fi
     last=0
     [ "$r" = "$ROUNDS" ] && last=1
-    [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($first store first)"
+    [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($([ $((r % 2)) = 1 ] && echo small || echo large) store first)"
     for s in $SCENARIOS; do
       case "$s" in
         batch) [ "$last" = 0 ] && [ "$BATCH_EVERY_ROUND" != 1 ] && continue ;;
         soak) [ "$last" = 0 ] && continue ;;
       esac
-      run_at "$first" "$s" "$r" 0
-      # The floor once per pair, between the two sizes (the comparison takes
-      # the large store's floors from the small pass); FLOOR_BOTH=1 adds one
-      # after the pair, in the large pass, to show how far the floor itself
-      # moved within a pair.
-      [ "$FLOOR_RUNS" = 1 ] && run_at small "$s" "$r" 1
-      run_at "$second" "$s" "$r" 0
-      [ "$FLOOR_BOTH" = 1 ] && run_at large "$s" "$r" 1
+      run_pair run_at small large "$r" "$s"
     done
     if [ "$ROUNDS" -gt 1 ]; then
       mkdir -p "$sdir/round$r" "$ldir/round$r"
@@ -952,7 +959,7 @@ ab_json() { # base|head
 # ab_runs: like the interleaved comparison, with two builds where it has two
 # stores. Batch runs in every round: both builds grow the one store alike.
 ab_runs() {
-  local r s first second side
+  local r s side
   mkdir -p "$OUT/ab-base" "$OUT/ab-head" "$OUT/base" "$OUT/head"
   HEAD_LABEL="working tree at $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
   [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ] && HEAD_LABEL="$HEAD_LABEL with uncommitted changes"
@@ -988,14 +995,10 @@ ab_runs() {
   use_side stack
   settle
   for r in $(seq 1 "$ROUNDS"); do
-    if [ $((r % 2)) = 1 ]; then first=base second=head; else first=head second=base; fi
-    [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($first first)"
+    [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($([ $((r % 2)) = 1 ] && echo base || echo head) first)"
     for s in $SCENARIOS; do
       [ "$s" = soak ] && [ "$r" != "$ROUNDS" ] && continue
-      run_ab "$first" "$s" "$r" 0
-      [ "$FLOOR_RUNS" = 1 ] && run_ab base "$s" "$r" 1
-      run_ab "$second" "$s" "$r" 0
-      [ "$FLOOR_BOTH" = 1 ] && run_ab head "$s" "$r" 1
+      run_pair run_ab base head "$r" "$s"
     done
     if [ "$ROUNDS" -gt 1 ]; then
       for side in base head; do
