@@ -348,11 +348,7 @@ start_small_stack() {
     setsid "$ROOT/deploy/local/up.sh" >"$dir/up.log" 2>&1 </dev/null &
   SMALL_STACK_PID=$!
   t0=$(date +%s)
-  until ready "$S_CMD_URL" 2>/dev/null && ready "$S_QUERY_URL" 2>/dev/null && ready "$S_PROJECTOR_URL" 2>/dev/null; do
-    kill -0 "$SMALL_STACK_PID" 2>/dev/null || { tail -20 "$dir/up.log" >&2; SMALL_STACK_PID=""; die "the small store's stack did not start (above; $dir/up.log)"; }
-    [ $(($(date +%s) - t0)) -lt 180 ] || { tail -20 "$dir/up.log" >&2; die "the small store's stack was not ready after 180 s ($dir/up.log)"; }
-    sleep 1
-  done
+  wait_serving "$SMALL_STACK_PID" 180 "$dir/up.log" "the small store's stack" "$S_CMD_URL" "$S_QUERY_URL" "$S_PROJECTOR_URL"
   if [ "$GATEWAY" = 1 ] && ! curl -fsS -m 3 -o /dev/null "$S_GATEWAY_URL/data?limit=1"; then
     die "the small store's stack has no gateway on $S_GATEWAY_URL (nginx missing?; $dir/up.log)"
   fi
@@ -361,11 +357,8 @@ start_small_stack() {
 
 stop_small_stack() {
   [ -n "$SMALL_STACK_PID" ] || return 0
-  local i
   log "stopping the small store's stack"
-  kill -TERM "$SMALL_STACK_PID" 2>/dev/null
-  for i in $(seq 1 60); do kill -0 "$SMALL_STACK_PID" 2>/dev/null || break; sleep 0.5; done
-  kill -0 "$SMALL_STACK_PID" 2>/dev/null && kill -KILL -- "-$SMALL_STACK_PID" 2>/dev/null
+  stop_leader "$SMALL_STACK_PID" 30
   SMALL_STACK_PID=""
   drop_small_dbs
   drop_small_keys
@@ -444,6 +437,34 @@ if [ "$BENCH_SELFTEST" = 1 ]; then
 fi
 
 ready() { curl -fsS -m 3 -o /dev/null "$1/readyz"; }
+
+# wait_serving <pid> <seconds> <log> <what> <url>...: until every URL's
+# /readyz answers; dies, with the log's tail, when the process exits first
+# or the time runs out.
+wait_serving() {
+  local pid="$1" limit="$2" logf="$3" what="$4" t0 u up
+  shift 4
+  t0=$(date +%s)
+  while :; do
+    up=1
+    for u in "$@"; do ready "$u" 2>/dev/null || { up=0; break; }; done
+    [ "$up" = 1 ] && return 0
+    kill -0 "$pid" 2>/dev/null || { tail -20 "$logf" >&2; die "$what exited before it was ready ($logf)"; }
+    [ $(($(date +%s) - t0)) -lt "$limit" ] || { tail -20 "$logf" >&2; die "$what was not ready after $limit s ($logf)"; }
+    sleep 0.5
+  done
+}
+
+# stop_leader <pid> <seconds>: SIGTERM, then, if it still runs after that
+# long, SIGKILL to its process group (the bench starts what it runs with
+# setsid, so the pid leads one).
+stop_leader() {
+  local i
+  kill -TERM "$1" 2>/dev/null
+  for i in $(seq 1 $(($2 * 2))); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.5; done
+  kill -KILL -- "-$1" 2>/dev/null || kill -KILL "$1" 2>/dev/null
+  return 0
+}
 notready=""
 for u in "$CMD_URL" "$QUERY_URL" "$PROJECTOR_URL"; do ready "$u" || notready="$notready $u"; done
 [ "$GATEWAY" = 1 ] && { ready "$GATEWAY_URL" || curl -fsS -m 3 -o /dev/null "$GATEWAY_URL/data?limit=1" || notready="$notready $GATEWAY_URL(gateway)"; }
@@ -680,9 +701,15 @@ prepare() {
     ID_FILE=""
     log "could not fetch an id pool$which; the read scripts fetch their own in setup()"
   fi
-  log "warm-up$which: mixed at ${WARMUP_RATE}/s for $WARMUP"
-  run_k6 warmup-mixed "$dir" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
-  rm -f "$dir"/warmup-mixed.*
+  warm_up "$dir" "$which"
+}
+
+# warm_up <dir> [label]: mixed traffic at WARMUP_RATE for WARMUP against the
+# URLs set now, its files not kept.
+warm_up() {
+  log "warm-up${2:-}: mixed at ${WARMUP_RATE}/s for $WARMUP"
+  run_k6 warmup-mixed "$1" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
+  rm -f "$1"/warmup-mixed.*
 }
 
 # pass <dir> <scale> <with floor 0|1>
@@ -743,14 +770,14 @@ prepare_store() {
   settle # the warm-up's writes
 }
 
-# run_at <small|large> <scenario> <round> <floor 0|1>: one run into that
-# store's pass (and round) directory.
+# run_at <side> <scenario> <round> <floor 0|1>: one run into that side's
+# directory (and round): a store of the interleaved comparison (small,
+# large) or a build of the A/B (base, head).
 run_at() {
-  local rd
-  rd="$([ "$1" = small ] && echo "$OUT/small" || echo "$OUT/large")"
+  local rd="$OUT/$1"
   [ "$ROUNDS" -gt 1 ] && rd="$rd/round$3"
   mkdir -p "$rd"
-  use_stack "$1"
+  case "$1" in small | large) use_stack "$1" ;; *) use_side "$1" ;; esac
   run_k6 "$2" "$rd" "$4"
   # Only the store just measured can have a projector catching up, and none
   # may be while the next run is measured.
@@ -769,19 +796,20 @@ reset_small_store() {
   prepare_store small "$1"
 }
 
-# run_pair <runner> <one> <two> <round> <scenario>: one scenario on both
+# run_pair <one> <two> <round> <scenario>: one scenario on both
 # sides back to back, side one first in odd rounds and side two in even ones
 # (ABBA), with the floor once per pair, between the two, into side one's
 # files (the comparison takes side two's floors from there); FLOOR_BOTH=1
 # adds one after the pair, into side two's, to show how far the floor itself
 # moved within a pair.
 run_pair() {
-  local run="$1" one="$2" two="$3" r="$4" s="$5" first="$2" second="$3"
+  local one="$1" two="$2" r="$3" s="$4" first="$1" second="$2"
   if [ $((r % 2)) = 0 ]; then first="$two" second="$one"; fi
-  "$run" "$first" "$s" "$r" 0
-  [ "$FLOOR_RUNS" = 1 ] && "$run" "$one" "$s" "$r" 1
-  "$run" "$second" "$s" "$r" 0
-  [ "$FLOOR_BOTH" = 1 ] && "$run" "$two" "$s" "$r" 1
+  run_at "$first" "$s" "$r" 0
+  [ "$FLOOR_RUNS" = 1 ] && run_at "$one" "$s" "$r" 1
+  run_at "$second" "$s" "$r" 0
+  [ "$FLOOR_BOTH" = 1 ] && run_at "$two" "$s" "$r" 1
+  return 0
 }
 
 # interleaved: COMPARE=1 with the two sizes in two stores. Each scenario runs
@@ -805,7 +833,7 @@ interleaved() {
         batch) [ "$last" = 0 ] && [ "$BATCH_EVERY_ROUND" != 1 ] && continue ;;
         soak) [ "$last" = 0 ] && continue ;;
       esac
-      run_pair run_at small large "$r" "$s"
+      run_pair small large "$r" "$s"
     done
     if [ "$ROUNDS" -gt 1 ]; then
       mkdir -p "$sdir/round$r" "$ldir/round$r"
@@ -901,28 +929,19 @@ ab_env() {
 # ab_start <side>: that side's build on its port. BENCH_STORE tells
 # procsample.py the two processes apart.
 ab_start() {
-  local side="$1" port pid t0 dir="$OUT/ab-$1"
+  local side="$1" port pid dir="$OUT/ab-$1"
   port="$(ab_port "$side")"
   port_free "$port" || die "A/B: port $port is taken (AB_PORT=$AB_PORT takes it and the next)"
   env -i "${AB_ENV[@]}" HTTP_PORT="$port" BENCH_STORE="$side" setsid "$dir/$AB_SERVICE" >"$dir/$AB_SERVICE.log" 2>&1 </dev/null &
   pid=$!
   if [ "$side" = base ]; then AB_PID=$pid; else HEAD_PID=$pid; fi
-  t0=$(date +%s)
-  until ready "http://127.0.0.1:$port" 2>/dev/null; do
-    kill -0 "$pid" 2>/dev/null || { tail -20 "$dir/$AB_SERVICE.log" >&2; die "A/B: the $side's $AB_SERVICE exited ($dir/$AB_SERVICE.log)"; }
-    [ $(($(date +%s) - t0)) -lt 60 ] || { tail -20 "$dir/$AB_SERVICE.log" >&2; die "A/B: the $side's $AB_SERVICE was not ready after 60 s"; }
-    sleep 0.5
-  done
+  wait_serving "$pid" 60 "$dir/$AB_SERVICE.log" "A/B: the $side's $AB_SERVICE" "http://127.0.0.1:$port"
   log "A/B: the $side's $AB_SERVICE ($([ "$side" = base ] && echo "$AB_LABEL" || echo "$HEAD_LABEL")) ready on :$port"
 }
 
 ab_stop() {
-  local pid i
-  for pid in $AB_PID $HEAD_PID; do
-    kill -TERM "$pid" 2>/dev/null
-    for i in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    kill -KILL "$pid" 2>/dev/null
-  done
+  local pid
+  for pid in $AB_PID $HEAD_PID; do stop_leader "$pid" 20; done
   AB_PID="" HEAD_PID=""
 }
 
@@ -936,18 +955,6 @@ use_side() {
   else
     QUERY_URL="http://127.0.0.1:$(ab_port "$1")"
   fi
-}
-
-# run_ab <base|head> <scenario> <round> <floor 0|1>
-run_ab() {
-  local rd="$OUT/$1"
-  [ "$ROUNDS" -gt 1 ] && rd="$rd/round$3"
-  mkdir -p "$rd"
-  use_side "$1"
-  run_k6 "$2" "$rd" "$4"
-  use_side stack
-  [ "$4" = 1 ] || settle
-  sleep "$COOLDOWN"
 }
 
 ab_json() { # base|head
@@ -972,9 +979,7 @@ ab_runs() {
   done
   for side in base head; do
     use_side "$side"
-    log "warm-up ($side): mixed at ${WARMUP_RATE}/s for $WARMUP"
-    run_k6 warmup-mixed "$OUT/$side" 0 "$WARMUP_RATE" "$WARMUP" 2>/dev/null || true
-    rm -f "$OUT/$side"/warmup-mixed.*
+    warm_up "$OUT/$side" " ($side)"
   done
   # A round that is not counted: the first run of a scenario after the
   # builds (which churn the page cache) was the slowest of its A/A by far,
@@ -987,7 +992,6 @@ ab_runs() {
         use_side "$side"
         mkdir -p "$OUT/warmup-round/$side"
         run_k6 "$s" "$OUT/warmup-round/$side" 0
-        use_side stack
         settle
       done
     done
@@ -998,8 +1002,9 @@ ab_runs() {
     [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($([ $((r % 2)) = 1 ] && echo base || echo head) first)"
     for s in $SCENARIOS; do
       [ "$s" = soak ] && [ "$r" != "$ROUNDS" ] && continue
-      run_pair run_ab base head "$r" "$s"
+      run_pair base head "$r" "$s"
     done
+    use_side stack
     if [ "$ROUNDS" -gt 1 ]; then
       for side in base head; do
         mkdir -p "$OUT/$side/round$r"
@@ -1053,12 +1058,18 @@ if [ "$FLOOR_RUNS" = 1 ]; then
   fi
 fi
 
+# compare_sides <one> <two>: each side's report, its floors from side one's
+# runs, and compare.md of two over one.
+compare_sides() {
+  python3 "$HERE/report.py" "$OUT/$1" --floor-from "$OUT/$1" || log "report ($1) failed"
+  python3 "$HERE/report.py" "$OUT/$2" --floor-from "$OUT/$1" || log "report ($2) failed"
+  python3 "$HERE/report.py" --compare "$OUT/$1" "$OUT/$2" --out "$OUT" || log "comparison failed"
+  [ -f "$OUT/compare.md" ] && cat "$OUT/compare.md"
+}
+
 if [ "$AB" = 1 ]; then
   ab_runs
-  python3 "$HERE/report.py" "$OUT/base" --floor-from "$OUT/base" || log "report (base) failed"
-  python3 "$HERE/report.py" "$OUT/head" --floor-from "$OUT/base" || log "report (head) failed"
-  python3 "$HERE/report.py" --compare "$OUT/base" "$OUT/head" --out "$OUT" || log "comparison failed"
-  [ -f "$OUT/compare.md" ] && cat "$OUT/compare.md"
+  compare_sides base head
 elif [ "$COMPARE" = 1 ]; then
   if [ "$INTERLEAVE" = 1 ]; then
     interleaved
@@ -1066,10 +1077,7 @@ elif [ "$COMPARE" = 1 ]; then
     pass "$OUT/small" "$SCALE_SMALL" "$FLOOR_RUNS"
     pass "$OUT/large" "$SCALE_LARGE" "$FLOOR_BOTH"
   fi
-  python3 "$HERE/report.py" "$OUT/small" --floor-from "$OUT/small" || log "report (small) failed"
-  python3 "$HERE/report.py" "$OUT/large" --floor-from "$OUT/small" || log "report (large) failed"
-  python3 "$HERE/report.py" --compare "$OUT/small" "$OUT/large" --out "$OUT" || log "comparison failed"
-  [ -f "$OUT/compare.md" ] && cat "$OUT/compare.md"
+  compare_sides small large
 else
   pass "$OUT" "$SCALE" "$FLOOR_RUNS"
   python3 "$HERE/report.py" "$OUT" || log "report failed"
