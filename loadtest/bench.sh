@@ -770,12 +770,15 @@ prepare_store() {
   settle # the warm-up's writes
 }
 
-# run_at <side> <scenario> <round> <floor 0|1>: one run into that side's
-# directory (and round): a store of the interleaved comparison (small,
-# large) or a build of the A/B (base, head).
+# run_at <side> <scenario> <round> <floor 0|1> [dir]: one run into that
+# side's directory (and round), or into dir: a store of the interleaved
+# comparison (small, large) or a build of the A/B (base, head).
 run_at() {
-  local rd="$OUT/$1"
-  [ "$ROUNDS" -gt 1 ] && rd="$rd/round$3"
+  local rd="${5:-}"
+  if [ -z "$rd" ]; then
+    rd="$OUT/$1"
+    [ "$ROUNDS" -gt 1 ] && rd="$rd/round$3"
+  fi
   mkdir -p "$rd"
   case "$1" in small | large) use_stack "$1" ;; *) use_side "$1" ;; esac
   run_k6 "$2" "$rd" "$4"
@@ -796,6 +799,9 @@ reset_small_store() {
   prepare_store small "$1"
 }
 
+# first_side <one> <two> <round>: which side a pair starts with (ABBA).
+first_side() { if [ $(($3 % 2)) = 1 ]; then echo "$1"; else echo "$2"; fi; }
+
 # run_pair <one> <two> <round> <scenario>: one scenario on both
 # sides back to back, side one first in odd rounds and side two in even ones
 # (ABBA), with the floor once per pair, between the two, into side one's
@@ -803,8 +809,9 @@ reset_small_store() {
 # adds one after the pair, into side two's, to show how far the floor itself
 # moved within a pair.
 run_pair() {
-  local one="$1" two="$2" r="$3" s="$4" first="$1" second="$2"
-  if [ $((r % 2)) = 0 ]; then first="$two" second="$one"; fi
+  local one="$1" two="$2" r="$3" s="$4" first second="$1"
+  first="$(first_side "$one" "$two" "$r")"
+  [ "$first" = "$one" ] && second="$two"
   run_at "$first" "$s" "$r" 0
   [ "$FLOOR_RUNS" = 1 ] && run_at "$one" "$s" "$r" 1
   run_at "$second" "$s" "$r" 0
@@ -827,7 +834,7 @@ interleaved() {
   for r in $(seq 1 "$ROUNDS"); do
     last=0
     [ "$r" = "$ROUNDS" ] && last=1
-    [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($([ $((r % 2)) = 1 ] && echo small || echo large) store first)"
+    [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($(first_side small large "$r") store first)"
     for s in $SCENARIOS; do
       case "$s" in
         batch) [ "$last" = 0 ] && [ "$BATCH_EVERY_ROUND" != 1 ] && continue ;;
@@ -989,17 +996,14 @@ ab_runs() {
     for s in $SCENARIOS; do
       [ "$s" = soak ] && continue
       for side in base head; do
-        use_side "$side"
-        mkdir -p "$OUT/warmup-round/$side"
-        run_k6 "$s" "$OUT/warmup-round/$side" 0
-        settle
+        run_at "$side" "$s" 0 0 "$OUT/warmup-round/$side"
       done
     done
   fi
   use_side stack
   settle
   for r in $(seq 1 "$ROUNDS"); do
-    [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($([ $((r % 2)) = 1 ] && echo base || echo head) first)"
+    [ "$ROUNDS" -gt 1 ] && log "round $r of $ROUNDS ($(first_side base head "$r") first)"
     for s in $SCENARIOS; do
       [ "$s" = soak ] && [ "$r" != "$ROUNDS" ] && continue
       run_pair base head "$r" "$s"

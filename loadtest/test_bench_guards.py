@@ -1,9 +1,11 @@
-"""Tests of bench.sh's guards (`python3 -m unittest discover -s loadtest`,
-part of `make test`): settings that would waste an hour-long run are refused
-before anything starts. Each case runs the script itself; the guards come
+"""Tests of bench.sh's guards and of the order of its pairs of runs
+(`python3 -m unittest discover -s loadtest`, part of `make test`): settings
+that would waste an hour-long run are refused before anything starts (the
+pair order: `PairOrder` below). Each guard case runs the script itself; the guards come
 before its first tool, so a refused case touches nothing, and an accepted one
 is shown by reaching the next check (an unknown scenario, listed first)."""
 import os
+import re
 import subprocess
 import tempfile
 import unittest
@@ -77,6 +79,45 @@ class BenchGuards(unittest.TestCase):
     def test_an_ab_of_a_revision_or_a_binary_is_accepted(self):
         self.refused("unknown scenario 'no_such'", AB_BASE="HEAD", AB_SERVICE="query-api", SCENARIOS="no_such")
         self.refused("unknown scenario 'no_such'", AB_BIN="/bin/true", SCENARIOS="no_such")
+
+
+def bench_functions(*names):
+    """The text of bench.sh's functions of these names, to run them alone."""
+    with open(SCRIPT) as f:
+        text = f.read()
+    out = []
+    for name in names:
+        # One line (`f() { ...; }`), else up to the first line that is `}`.
+        m = (re.search(rf"^{name}\(\) {{.*}}$", text, re.M)
+             or re.search(rf"^{name}\(\) {{\n.*?^}}$", text, re.M | re.S))
+        assert m, f"bench.sh has no function {name}"
+        out.append(m.group(0))
+    return "\n".join(out)
+
+
+class PairOrder(unittest.TestCase):
+    """run_pair, which both the interleaved comparison and the A/B measure
+    through, with run_at replaced by a line of what it was asked to run."""
+
+    def pair(self, round_, floor_runs="1", floor_both="0"):
+        script = bench_functions("first_side", "run_pair") + f"""
+run_at() {{ echo "$1 $3 floor=$4"; }}
+FLOOR_RUNS={floor_runs} FLOOR_BOTH={floor_both}
+run_pair base head {round_} write
+"""
+        res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=10)
+        self.assertEqual(res.returncode, 0, res.stderr)
+        return res.stdout.splitlines()
+
+    def test_odd_rounds_start_with_side_one_and_even_rounds_with_side_two(self):
+        self.assertEqual(self.pair(1), ["base 1 floor=0", "base 1 floor=1", "head 1 floor=0"])
+        self.assertEqual(self.pair(2), ["head 2 floor=0", "base 2 floor=1", "base 2 floor=0"])
+        self.assertEqual(self.pair(3)[0], "base 3 floor=0")
+
+    def test_the_floor_runs_between_the_two_and_floor_both_adds_one_after(self):
+        self.assertEqual(self.pair(2, floor_both="1"),
+                         ["head 2 floor=0", "base 2 floor=1", "base 2 floor=0", "head 2 floor=1"])
+        self.assertEqual(self.pair(1, floor_runs="0"), ["base 1 floor=0", "head 1 floor=0"])
 
 
 if __name__ == "__main__":
