@@ -599,6 +599,20 @@ pg_settings() {
   timeout 10 psql "$DATABASE_URL" -XAt -c "SELECT string_agg(name || '=' || current_setting(name), ', ' ORDER BY name) FROM pg_settings WHERE name IN ('shared_buffers', 'wal_buffers', 'max_wal_size', 'synchronous_commit', 'autovacuum')" 2>/dev/null | sed 's/"//g'
 }
 
+# Which builds of the services ran, by the first 12 hex digits of each
+# running executable's SHA-256: two builds of the same commit differ when
+# cargo unifies features differently (`cargo build --workspace` compiles
+# `shared` with the e2e crate's `testkit`, `make up` builds the three
+# services alone), and such builds have measured apart.
+service_builds() {
+  local s pid sums out=""
+  for s in command-api query-api projector; do
+    sums="$(for pid in $(pgrep -x "$s"); do sha256sum "/proc/$pid/exe" 2>/dev/null | cut -c1-12; done | sort -u | paste -sd/)"
+    out="$out${out:+, }$s ${sums:-not running}"
+  done
+  echo "$out"
+}
+
 # Some VMs' kernels page out cold memory on their own (DAMON's pageout
 # scheme), evicting the databases' page cache between reads: said in the
 # report, since it moves the figures at scale more than the service does.
@@ -1046,6 +1060,7 @@ log "results in $OUT"
   echo "  \"k6_soak_thresholds\": $([ "$SOAK_THRESHOLDS" = 0 ] && echo false || echo true),"
   echo "  \"damon_pageout\": \"$(damon_pageout)\","
   echo "  \"postgres\": \"$(pg_settings)\","
+  echo "  \"builds\": \"$(service_builds)\","
   echo "  \"k6_gogc\": \"$BENCH_GOGC\", \"k6_gomemlimit\": \"$BENCH_GOMEMLIMIT\","
   echo "  \"profile\": \"$BENCH_PROFILE\","
   echo "  \"ab_service\": \"$([ "$AB" = 1 ] && echo "$AB_SERVICE")\", \"ab_base\": \"$AB_BASE$AB_BIN\","

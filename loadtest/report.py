@@ -742,6 +742,8 @@ def render(d, env, scale, results):
                      "so figures at scale include reads from disk; its CPU is the `kernel-reclaim` row" % env["damon_pageout"])
         if env.get("postgres"):
             L.append("- the write log's PostgreSQL: %s" % env["postgres"])
+        if env.get("builds"):
+            L.append("- the services' builds (SHA-256 of each running executable, first 12 digits): %s" % env["builds"])
         if env.get("selftest"):
             L.append("- **SELFTEST run: a static nginx played the stack; the figures say nothing about the service.**")
     if scale:

@@ -240,6 +240,16 @@ class RunConditions(unittest.TestCase):
         env["postgres"] = ""  # psql missing or the server unreachable
         self.assertNotIn("write log's PostgreSQL", report.render("/nonexistent", env, None, []))
 
+    def test_the_report_names_the_builds_that_ran(self):
+        # Two builds of one commit (workspace against `-p`) measured apart
+        # (RUNS.md, the fortieth run): a figure must say which build it is.
+        env = {"k6": "k6 v1.1.0", "builds": "command-api 0123456789ab, query-api not running, projector aa/bb"}
+        self.assertIn("- the services' builds (SHA-256 of each running executable, first 12 digits): "
+                      "command-api 0123456789ab, query-api not running, projector aa/bb",
+                      report.render("/nonexistent", env, None, []))
+        del env["builds"]  # an env.json written before the bench recorded builds
+        self.assertNotIn("services' builds", report.render("/nonexistent", env, None, []))
+
     def test_a_scenario_shows_its_cpu_profile_when_one_was_taken(self):
         env = {"k6": "k6 v1.1.0"}
         write = result("write", 5.0, target_text="")

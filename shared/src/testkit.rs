@@ -1,7 +1,10 @@
 //! Test support: every test gets its own databases (cloned from migrated
 //! templates), its own exchange and queue names and its own Redis key prefix,
 //! so tests run in parallel and rerun on a dirty machine. Only compiled with
-//! the `testkit` feature, which only dev-dependencies enable.
+//! the `testkit` feature, which only test code enables: the services'
+//! dev-dependencies and the e2e crate. Cargo unifies features across what
+//! it builds, so `cargo build --workspace` builds the services against a
+//! `shared` with it; `make up` builds the three services alone, without it.
 
 use std::{
     net::SocketAddr,
