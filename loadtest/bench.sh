@@ -979,9 +979,11 @@ use_side() {
 }
 
 ab_json() { # base|head
-  local label
+  local label build
   [ "$1" = base ] && label="$AB_LABEL" || label="$HEAD_LABEL"
-  printf '"interleaved": true, "ab": {"side": "%s", "service": "%s", "rev": "%s"}' "$1" "$AB_SERVICE" "${label//\"/}"
+  # the binary's own digest, as env.json's "builds" names the stack's
+  build="$(sha256sum "$OUT/ab-$1/$AB_SERVICE" 2>/dev/null | cut -c1-12)"
+  printf '"interleaved": true, "ab": {"side": "%s", "service": "%s", "rev": "%s", "build": "%s"}' "$1" "$AB_SERVICE" "${label//\"/}" "$build"
 }
 
 # ab_runs: like the interleaved comparison, with two builds where it has two

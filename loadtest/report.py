@@ -1254,6 +1254,13 @@ def floor_seconds(d, name, sel):
     return out
 
 
+
+def ab_build_name(side):
+    """An A/B side's revision, and its binary's digest when the bench recorded
+    one: two builds of one revision can differ (see env.json's "builds")."""
+    name = "`%s`" % side.get("rev")
+    return name + (" (build `%s`)" % side["build"] if side.get("build") else "")
+
 def compare(small, large, out):
     def load(d):
         fj = load_json(os.path.join(d, "figures.json"))
@@ -1314,11 +1321,11 @@ def compare(small, large, out):
     if sides is AB_SIDES:
         a, b = ss["ab"], ls["ab"]
         L = ["# A/B comparison", "",
-             "The same scenarios against two builds of `%s` on one store (watermark after: ~%s): base `%s`, head `%s`. "
+             "The same scenarios against two builds of `%s` on one store (watermark after: ~%s): base %s, head %s. "
              "Each scenario ran against one build, then (with the floor between them) the other, the base first in odd rounds "
              "and the head first in even ones, so that a change in the machine's speed over minutes falls on both alike. "
              "Ratio = head / base (for records/s: base / head); ≤ 1.10 passes (the head no more than 10%% worse)." % (
-                 b.get("service"), fmt_num(ls.get("records_after")), a.get("rev"), b.get("rev"))]
+                 b.get("service"), fmt_num(ls.get("records_after")), ab_build_name(a), ab_build_name(b))]
     else:
         L = ["# Scale comparison", "",
              "Same scenarios at %s and %s records (watermark after: ~%s and ~%s). Ratio = large / small (for records/s: small / large); ≤ 1.10 passes (issue 4: no figure more than 10%% worse)." % (

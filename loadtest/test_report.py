@@ -282,6 +282,8 @@ class CompareMedians(unittest.TestCase):
                 if ab:
                     side = "base" if scale == "small" else "head"
                     sj.update(interleaved=True, ab={"side": side, "service": "query-api", "rev": side + "-rev"})
+                    if side == "head":  # a base recorded before the bench named builds has none
+                        sj["ab"]["build"] = "0123456789ab"
                 with open(os.path.join(d, "figures.json"), "w") as f:
                     json.dump({"scale": sj, "rounds": len(p99s), "results": [merged]}, f)
                 dirs[scale] = d
@@ -307,7 +309,7 @@ class CompareMedians(unittest.TestCase):
         self.assertAlmostEqual(row["p99_ratio"], 1.0)
         self.assertTrue(md.startswith("# A/B comparison"), md[:80])
         self.assertIn("two builds of `query-api` on one store", md)
-        self.assertIn("base `base-rev`, head `head-rev`", md)
+        self.assertIn("base `base-rev`, head `head-rev` (build `0123456789ab`)", md)
         self.assertIn("| p99 base | p99 head |", md)
         self.assertIn("| 1.10 / 1.00 / 1.00 |", md)
         self.assertIn("head build's p99 per round", md)
