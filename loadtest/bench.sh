@@ -603,7 +603,8 @@ pg_settings() {
 # running executable's SHA-256: two builds of the same commit differ when
 # cargo unifies features differently (`cargo build --workspace` compiles
 # `shared` with the e2e crate's `testkit`, `make up` builds the three
-# services alone), and such builds have measured apart.
+# services alone), and such builds have measured apart (RUNS.md, the
+# thirty-ninth and fortieth runs).
 service_builds() {
   local s pid sums out=""
   for s in command-api query-api projector; do

@@ -1254,12 +1254,12 @@ def floor_seconds(d, name, sel):
     return out
 
 
-
 def ab_build_name(side):
     """An A/B side's revision, and its binary's digest when the bench recorded
     one: two builds of one revision can differ (see env.json's "builds")."""
     name = "`%s`" % side.get("rev")
     return name + (" (build `%s`)" % side["build"] if side.get("build") else "")
+
 
 def compare(small, large, out):
     def load(d):
