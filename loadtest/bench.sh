@@ -599,6 +599,10 @@ pg_settings() {
   timeout 10 psql "$DATABASE_URL" -XAt -c "SELECT string_agg(name || '=' || current_setting(name), ', ' ORDER BY name) FROM pg_settings WHERE name IN ('shared_buffers', 'wal_buffers', 'max_wal_size', 'synchronous_commit', 'autovacuum')" 2>/dev/null | sed 's/"//g'
 }
 
+# build_id <executable>: the first 12 hex digits of its SHA-256 (nothing
+# when it cannot be read), how the report names a build.
+build_id() { sha256sum "$1" 2>/dev/null | cut -c1-12; }
+
 # Which builds of the services ran, by the first 12 hex digits of each
 # running executable's SHA-256: two builds of the same commit differ when
 # cargo unifies features differently (`cargo build --workspace` compiles
@@ -608,7 +612,7 @@ pg_settings() {
 service_builds() {
   local s pid sums out=""
   for s in command-api query-api projector; do
-    sums="$(for pid in $(pgrep -x "$s"); do sha256sum "/proc/$pid/exe" 2>/dev/null | cut -c1-12; done | sort -u | paste -sd/)"
+    sums="$(for pid in $(pgrep -x "$s"); do build_id "/proc/$pid/exe"; done | sort -u | paste -sd/)"
     out="$out${out:+, }$s ${sums:-not running}"
   done
   echo "$out"
@@ -982,8 +986,8 @@ use_side() {
 ab_json() { # base|head
   local label build
   [ "$1" = base ] && label="$AB_LABEL" || label="$HEAD_LABEL"
-  # the binary's own digest, as env.json's "builds" names the stack's
-  build="$(sha256sum "$OUT/ab-$1/$AB_SERVICE" 2>/dev/null | cut -c1-12)"
+  # named as env.json's "builds" names the stack's
+  build="$(build_id "$OUT/ab-$1/$AB_SERVICE")"
   printf '"interleaved": true, "ab": {"side": "%s", "service": "%s", "rev": "%s", "build": "%s"}' "$1" "$AB_SERVICE" "${label//\"/}" "$build"
 }
 

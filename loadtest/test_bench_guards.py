@@ -1,9 +1,11 @@
-"""Tests of bench.sh's guards and of the order of its pairs of runs
-(`python3 -m unittest discover -s loadtest`, part of `make test`): settings
-that would waste an hour-long run are refused before anything starts (the
-pair order: `PairOrder` below). Each guard case runs the script itself; the guards come
-before its first tool, so a refused case touches nothing, and an accepted one
-is shown by reaching the next check (an unknown scenario, listed first)."""
+"""Tests of bench.sh's guards, of the order of its pairs of runs and of how
+it names the builds it measured (`python3 -m unittest discover -s loadtest`,
+part of `make test`): settings that would waste an hour-long run are refused
+before anything starts (the pair order: `PairOrder`, the builds:
+`ServiceBuilds`, below). Each guard case runs the script itself; the
+guards come before its first tool, so a refused case touches nothing, and an
+accepted one is shown by reaching the next check (an unknown scenario, listed
+first)."""
 import os
 import re
 import subprocess
@@ -118,6 +120,33 @@ run_pair base head {round_} write
         self.assertEqual(self.pair(2, floor_both="1"),
                          ["head 2 floor=0", "base 2 floor=1", "base 2 floor=0", "head 2 floor=1"])
         self.assertEqual(self.pair(1, floor_runs="0"), ["base 1 floor=0", "head 1 floor=0"])
+
+
+class ServiceBuilds(unittest.TestCase):
+    """service_builds names each running service by its executable's digest,
+    which is what tells two builds of one commit apart in a report."""
+
+    def test_a_running_service_is_named_by_its_executables_digest(self):
+        with tempfile.TemporaryDirectory() as d:
+            # a stand-in process whose name is a service's; a real projector
+            # running beside it only adds its own digest after a slash
+            exe = os.path.join(d, "projector")
+            with open("/bin/sleep", "rb") as src, open(exe, "wb") as dst:
+                dst.write(src.read())
+            os.chmod(exe, 0o755)
+            digest = subprocess.run(["sha256sum", exe], capture_output=True, text=True, check=True).stdout[:12]
+            proc = subprocess.Popen([exe, "30"])
+            try:
+                script = bench_functions("build_id", "service_builds") + "\nservice_builds\n"
+                res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=10)
+            finally:
+                proc.kill()
+                proc.wait()
+        self.assertEqual(res.returncode, 0, res.stderr)
+        projector = [part for part in res.stdout.strip().split(", ") if part.startswith("projector ")]
+        self.assertEqual(len(projector), 1, res.stdout)
+        self.assertIn(digest, projector[0].split(" ", 1)[1].split("/"))
+        self.assertRegex(res.stdout, r"^command-api (\S+|not running), query-api (\S+|not running), projector \S+\n$")
 
 
 if __name__ == "__main__":
