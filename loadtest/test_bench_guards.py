@@ -6,8 +6,10 @@ before anything starts (the pair order: `PairOrder`, the builds:
 guards come before its first tool, so a refused case touches nothing, and an
 accepted one is shown by reaching the next check (an unknown scenario, listed
 first)."""
+import hashlib
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import unittest
@@ -130,11 +132,9 @@ class ServiceBuilds(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             # a stand-in process whose name is a service's; a real projector
             # running beside it only adds its own digest after a slash
-            exe = os.path.join(d, "projector")
-            with open("/bin/sleep", "rb") as src, open(exe, "wb") as dst:
-                dst.write(src.read())
-            os.chmod(exe, 0o755)
-            digest = subprocess.run(["sha256sum", exe], capture_output=True, text=True, check=True).stdout[:12]
+            exe = shutil.copy("/bin/sleep", os.path.join(d, "projector"))
+            with open(exe, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()[:12]
             proc = subprocess.Popen([exe, "30"])
             try:
                 script = bench_functions("build_id", "service_builds") + "\nservice_builds\n"
