@@ -76,20 +76,30 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     }
     // The unique indexes stay (they are appended to in seq order, and the
     // catch-up's anti-join probes the seq one); the others are built at the
-    // end.
-    let deferred: Vec<(String, String)> = sqlx::query_as(
-        "SELECT x.indexrelid::regclass::text, pg_get_indexdef(x.indexrelid) FROM pg_index x \
+    // end, as the live table has them and under its names (with the shadow
+    // table's prefix until the swap): `LIKE` would name an index on an
+    // expression after the word "expr".
+    let copied_indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT x.indexrelid::regclass::text FROM pg_index x \
          WHERE x.indrelid = 'records_rebuild'::regclass AND NOT x.indisunique ORDER BY 1",
     )
     .fetch_all(&read)
     .await?;
-    for (name, _) in &deferred {
+    for name in &copied_indexes {
         // `regclass` output is already quoted where it needs to be.
         sqlx::query(&format!("DROP INDEX {name}"))
             .execute(&read)
             .await?;
     }
-    let deferred: Vec<String> = deferred.into_iter().map(|(_, def)| def).collect();
+    let deferred: Vec<String> = sqlx::query_scalar(
+        r"SELECT format('CREATE INDEX %I ON records_rebuild %s',
+                        'records_rebuild_' || regexp_replace(c.relname, '^records_', ''),
+                        regexp_replace(pg_get_indexdef(x.indexrelid), '^CREATE INDEX \S+ ON \S+ ', ''))
+          FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid
+          WHERE x.indrelid = 'records'::regclass AND NOT x.indisunique ORDER BY c.relname",
+    )
+    .fetch_all(&read)
+    .await?;
 
     let copied = copy_write_log(&write, &read, upto).await?;
     let copy_secs = started.elapsed().as_secs_f64();
@@ -251,7 +261,7 @@ async fn swap(read: &PgPool, after: i64) -> Result<u64, sqlx::Error> {
                      WHERE schemaname = current_schema() AND tablename = 'records'
                        AND indexname LIKE 'records\_rebuild\_%' LOOP
               EXECUTE format('ALTER INDEX %I RENAME TO %I', r.indexname,
-                regexp_replace(regexp_replace(r.indexname, '^records_rebuild_', 'records_'), '_idx$', ''));
+                regexp_replace(r.indexname, '^records_rebuild_', 'records_'));
             END LOOP; END $$",
     ] {
         sqlx::query(stmt).execute(&mut *tx).await?;

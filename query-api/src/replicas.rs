@@ -128,47 +128,44 @@ impl Replicas {
     pub async fn list(&self, q: ListQuery<'_>, min_watermark: i64) -> Result<Page, ApiError> {
         REPLICA_READS.with_label_values(&["list"]).inc();
         let need = min_watermark.max(q.bound.unwrap_or(0));
-        let sql = list_sql(q.kind.is_some(), q.key.is_some());
-        self.each(|pool| {
-            let sql = sql.clone();
-            async move {
-                let mut query = sqlx::query(&sql)
-                    .bind(q.before.unwrap_or(i64::MAX))
-                    .bind(q.bound.unwrap_or(i64::MAX))
-                    .bind(q.limit + 1);
-                if let Some(kind) = q.kind {
-                    query = query.bind(kind);
-                }
-                if let Some(key) = q.key {
-                    query = query.bind(key);
-                }
-                let rows = query.fetch_all(&pool).await?;
-                let wm: i64 = match rows.first() {
-                    Some(r) => r.try_get("watermark")?,
-                    None => return Ok(None),
-                };
-                if wm < need {
-                    return Ok(None);
-                }
-                let mut docs = Vec::with_capacity(rows.len());
-                let mut last_seq = None;
-                for row in &rows {
-                    if let Some(doc) = row.try_get::<Option<String>, _>("doc")? {
-                        if docs.len() as i64 == q.limit {
-                            break;
-                        }
-                        docs.push(doc);
-                        last_seq = row.try_get::<Option<i64>, _>("seq")?;
-                    }
-                }
-                let more = rows.len() as i64 > q.limit;
-                Ok(Some(Page {
-                    docs,
-                    last_seq,
-                    more,
-                    watermark: wm,
-                }))
+        let sql = list_statement(q.kind.is_some(), q.key.is_some());
+        self.each(|pool| async move {
+            let mut query = sqlx::query(sql)
+                .bind(q.before.unwrap_or(i64::MAX))
+                .bind(q.bound.unwrap_or(i64::MAX))
+                .bind(q.limit + 1);
+            if let Some(kind) = q.kind {
+                query = query.bind(kind);
             }
+            if let Some(key) = q.key {
+                query = query.bind(key);
+            }
+            let rows = query.fetch_all(&pool).await?;
+            let wm: i64 = match rows.first() {
+                Some(r) => r.try_get("watermark")?,
+                None => return Ok(None),
+            };
+            if wm < need {
+                return Ok(None);
+            }
+            let mut docs = Vec::with_capacity(rows.len());
+            let mut last_seq = None;
+            for row in &rows {
+                if let Some(doc) = row.try_get::<Option<String>, _>("doc")? {
+                    if docs.len() as i64 == q.limit {
+                        break;
+                    }
+                    docs.push(doc);
+                    last_seq = row.try_get::<Option<i64>, _>("seq")?;
+                }
+            }
+            let more = rows.len() as i64 > q.limit;
+            Ok(Some(Page {
+                docs,
+                last_seq,
+                more,
+                watermark: wm,
+            }))
         })
         .await
     }
@@ -189,36 +186,81 @@ impl Replicas {
     }
 }
 
+/// `list_sql` for each filter combination, formatted once.
+fn list_statement(kind: bool, key: bool) -> &'static str {
+    static STATEMENTS: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::new(|| {
+        [
+            list_sql(false, false),
+            list_sql(true, false),
+            list_sql(false, true),
+            list_sql(true, true),
+        ]
+    });
+    &STATEMENTS[usize::from(kind) + 2 * usize::from(key)]
+}
+
+/// Records per range of the key's index (`records_range_key_seq`, which
+/// leads with `seq >> KEY_RANGE_BITS`): the migration that built it uses
+/// the same expression, and a query must repeat it exactly to use the index.
+const KEY_RANGE_BITS: u32 = 22;
+
 /// Newest first, below the cursor and at or below both the bound and this
 /// replica's watermark. One statement per filter combination, so each gets
 /// its own index and a stable prepared plan.
 ///
-/// The leading filter is written `= ANY(ARRAY[$4])` and also ordered on:
-/// PostgreSQL then keeps that column in the sort order, which only the
-/// matching index provides (`(key, seq DESC)` read forwards, `(kind, seq)`
-/// backwards, hence `kind DESC`), so every plan, generic or custom, reads
-/// at most one page of that index. With a plain
-/// `=` the column drops out of the order, and the cached generic plan walks
-/// the primary key backwards filtering on it: cheap for a kind written
-/// lately, but seen here to read 2.4 million rows (2 s, and list p99 past
-/// 500 ms at 11 million records) for a kind whose records are all old.
+/// The index's leading column is filtered with `= ANY(ARRAY[..])` and also
+/// ordered on: PostgreSQL then keeps that column in the sort order, which
+/// only the matching index provides (`(kind, seq)` and the key's, both read
+/// backwards, hence `DESC`), so every plan, generic or custom, reads at
+/// most one page of that index. With a plain `=` the column drops out of
+/// the order, and the cached generic plan walks the primary key backwards
+/// filtering on it: cheap for a kind written lately, but seen here to read
+/// 2.4 million rows (2 s, and list p99 past 500 ms at 11 million records)
+/// for a kind whose records are all old.
+///
+/// The key's index leads with the record's range of seqs, so a list by key
+/// reads one range at a time, newest first, and stops as soon as its page
+/// is full: the nested loop returns the ranges in the order
+/// `generate_series` gives them. The key itself is a plain `=`: PostgreSQL
+/// 15 treats an index scan with `ANY` on any column but the first as
+/// unordered, and would sort the whole range's records of the key.
 pub fn list_sql(kind: bool, key: bool) -> String {
-    let (filter, order) = match (kind, key) {
-        (false, false) => ("", ""),
+    let bounds = "r.seq < $1 AND r.seq <= LEAST($2, w.watermark)";
+    let records = |filter: &str, order: &str| {
+        format!(
+            "SELECT r.seq, r.doc FROM records r \
+             WHERE {bounds}{filter} ORDER BY {order}r.seq DESC LIMIT $3"
+        )
+    };
+    let page = match (kind, key) {
+        (false, false) => records("", ""),
         // `(kind, seq)`, read backwards.
-        (true, false) => (" AND r.kind = ANY(ARRAY[$4])", "r.kind DESC, "),
-        (false, true) => (" AND r.key = ANY(ARRAY[$4])", "r.key, "),
-        // The key's index, filtered on kind: a key names an entity, whose
-        // records are few. (A `(kind, key, seq)` index served this once, at
-        // the cost of a random index insert per record in the projector.)
-        (true, true) => (" AND r.key = ANY(ARRAY[$5]) AND r.kind = $4", "r.key, "),
+        (true, false) => records(" AND r.kind = ANY(ARRAY[$4])", "r.kind DESC, "),
+        (_, true) => {
+            // With a kind, the key's index filtered on kind: a key names an
+            // entity, whose records are few. (A `(kind, key, seq)` index
+            // served this once, at the cost of a random index insert per
+            // record in the projector.)
+            let key = if kind {
+                " AND r.key = $5 AND r.kind = $4"
+            } else {
+                " AND r.key = $4"
+            };
+            let range = format!("(r.seq >> {KEY_RANGE_BITS})");
+            format!(
+                "SELECT r.seq, r.doc \
+                 FROM generate_series(LEAST($1, $2, w.watermark) >> {KEY_RANGE_BITS}, 0, -1) \
+                   AS ranges(n) \
+                 CROSS JOIN LATERAL ({}) r LIMIT $3",
+                records(
+                    &format!(" AND {range} = ANY(ARRAY[ranges.n]){key}"),
+                    &format!("{range} DESC, ")
+                )
+            )
+        }
     };
     format!(
         "SELECT w.watermark, p.seq, p.doc FROM projection_state w \
-         LEFT JOIN LATERAL ( \
-           SELECT r.seq, r.doc FROM records r \
-           WHERE r.seq < $1 AND r.seq <= LEAST($2, w.watermark){filter} \
-           ORDER BY {order}r.seq DESC LIMIT $3 \
-         ) p ON true"
+         LEFT JOIN LATERAL ({page}) p ON true"
     )
 }
