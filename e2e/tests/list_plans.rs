@@ -109,3 +109,47 @@ async fn every_list_filter_reads_one_index_page_under_a_generic_plan() {
         );
     }
 }
+
+/// The query API's replica pool takes the generic plan for every list, the
+/// plan the test above checks: left to choose, PostgreSQL planned a list by
+/// key afresh on every execution.
+#[tokio::test]
+async fn the_replica_pool_runs_every_list_on_its_generic_plan() {
+    let settings = shared::testkit::isolated_settings().await;
+    let pool = shared::db::replica_pool(settings.read_primary_url(), &settings, "test").unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query(
+        "INSERT INTO records (seq, id, kind, key, doc) \
+         SELECT s, gen_random_uuid(), 'k' || s % 3, 'key-' || s % 5, '{}' \
+         FROM generate_series(1, 1000) AS s",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE projection_state SET watermark = 1000")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for (kind, key) in [(false, false), (true, false), (false, true), (true, true)] {
+        let sql = list_sql(kind, key);
+        for i in 0..8 {
+            let mut query = sqlx::query(&sql).bind(i64::MAX).bind(i64::MAX).bind(51i64);
+            if kind {
+                query = query.bind(format!("k{}", i % 3));
+            }
+            if key {
+                query = query.bind(format!("key-{}", i % 5));
+            }
+            let rows = query.fetch_all(&mut *conn).await.unwrap();
+            assert!(rows.len() > 1, "{sql}: a page");
+        }
+        let (generic, custom): (i64, i64) = sqlx::query_as(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
+        )
+        .bind(&sql)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!((generic, custom), (8, 0), "{sql}");
+    }
+}

@@ -49,7 +49,7 @@ impl Replicas {
         let pools = settings
             .read_database_urls
             .iter()
-            .map(|u| db::pool(u, settings, "query-api"))
+            .map(|u| db::replica_pool(u, settings, "query-api"))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             pools,
