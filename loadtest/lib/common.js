@@ -349,6 +349,7 @@ export function fetchIdPool(want) {
   const ids = [];
   const seen = {};
   const kinds = {};
+  const keys = {};
   let cursor;
   let pages = 0;
   const t0 = Date.now();
@@ -372,11 +373,12 @@ export function fetchIdPool(want) {
       }
     }
     for (const k of pageKinds) if (typeof k === 'string') kinds[k] = true;
+    for (const k of jget(res, 'items.#.key') || []) if (typeof k === 'string') keys[k] = true;
     cursor = jget(res, 'next_cursor');
     if (!cursor || added === 0) break; // end of data (or the floor's static page)
   }
   console.log(`id pool: ${ids.length} ids from ${pages} pages in ${Date.now() - t0} ms`);
-  return { ids, kinds: Object.keys(kinds) };
+  return { ids, kinds: Object.keys(kinds), keys: Object.keys(keys) };
 }
 
 export function requirePool(pool, what) {
