@@ -38,8 +38,8 @@ pub fn pool_sized(
 /// (`plan_cache_mode = force_generic_plan`). Left to choose, PostgreSQL
 /// planned a list by key afresh on every execution, its generic plan's
 /// estimate being the higher: 0.50 ms a statement at the database against
-/// 0.36 with the generic plan, and 6-14 points more of a core for the
-/// bench's lists (session 53).
+/// 0.36 with the generic plan, and the bench's lists took PostgreSQL 32-38%
+/// of a core against 20-21% (session 53).
 pub fn replica_pool(url: &str, settings: &Settings, app: &str) -> Result<PgPool, sqlx::Error> {
     build(
         url,
