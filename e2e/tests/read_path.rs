@@ -160,15 +160,15 @@ async fn pagination_visits_every_record_exactly_once_while_writes_continue() {
     stack.stop().await;
 }
 
-/// The key's index is ordered by ranges of 2^22 seqs first; a list by key
-/// reads them newest first. Records of one key in four ranges, and none in
-/// the range between two of them (the write
-/// log's sequence moved on twice, as a long-lived deployment's would), and
-/// records of other keys between them, are listed newest first, each once,
-/// across pages that end inside a range and at its edge.
+/// The key's index is ordered by ranges of seqs first; a list by key reads
+/// them newest first. Records of one key in four ranges with an empty one
+/// between two of them (the write log's sequence moved on twice, as a
+/// long-lived deployment's would), and records of other keys among them,
+/// are listed newest first, each once, across pages that end inside a
+/// range and at its edge.
 #[tokio::test]
 async fn a_list_by_key_pages_across_ranges_of_seqs_newest_first() {
-    const RANGE: i64 = 1 << 22;
+    const RANGE: i64 = 1 << query_api::replicas::KEY_RANGE_BITS;
     let stack = Stack::start().await;
     let mut created = Vec::new();
     for start in [RANGE - 5, 4 * RANGE - 3] {

@@ -202,7 +202,7 @@ fn list_statement(kind: bool, key: bool) -> &'static str {
 /// Records per range of the key's index (`records_range_key_seq`, which
 /// leads with `seq >> KEY_RANGE_BITS`): the migration that built it uses
 /// the same expression, and a query must repeat it exactly to use the index.
-const KEY_RANGE_BITS: u32 = 22;
+pub const KEY_RANGE_BITS: u32 = 22;
 
 /// Newest first, below the cursor and at or below both the bound and this
 /// replica's watermark. One statement per filter combination, so each gets
