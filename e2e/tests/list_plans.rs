@@ -3,7 +3,7 @@
 //! generic plan for a prepared statement after a few executions; that plan
 //! must still read about one page of an index, not walk the table.
 
-use query_api::replicas::list_sql;
+use query_api::replicas::{list_sql, Replicas};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
@@ -110,14 +110,16 @@ async fn every_list_filter_reads_one_index_page_under_a_generic_plan() {
     }
 }
 
-/// The query API's replica pool takes the generic plan for every list, the
+/// The query API's replica pools take the generic plan for every list, the
 /// plan the test above checks: left to choose, PostgreSQL planned a list by
-/// key afresh on every execution.
+/// key afresh on every execution. The pool is the one an HTTP worker lists
+/// on (`Replicas::new`, then `for_worker`), so the test fails if either
+/// loses the setting.
 #[tokio::test]
 async fn the_replica_pool_runs_every_list_on_its_generic_plan() {
     let settings = shared::testkit::isolated_settings().await;
-    let pool = shared::db::replica_pool(settings.read_primary_url(), &settings, "test").unwrap();
-    let mut conn = pool.acquire().await.unwrap();
+    let replicas = Replicas::new(&settings).unwrap().for_worker(1);
+    let mut conn = replicas.primary().unwrap().acquire().await.unwrap();
     sqlx::query(
         "INSERT INTO records (seq, id, kind, key, doc) \
          SELECT s, gen_random_uuid(), 'k' || s % 3, 'key-' || s % 5, '{}' \
