@@ -11,9 +11,9 @@ use sqlx::{
 use crate::Settings;
 
 /// The write log, the outbox and the idempotency keys.
-pub static WRITE_MIGRATOR: Migrator = sqlx::migrate!("../migrations/write");
+pub static WRITE_MIGRATOR: Migrator = sqlx_macros::migrate!("../migrations/write");
 /// The read model and the projection's watermark.
-pub static READ_MIGRATOR: Migrator = sqlx::migrate!("../migrations/read");
+pub static READ_MIGRATOR: Migrator = sqlx_macros::migrate!("../migrations/read");
 
 /// A lazily connecting pool: a service starts even while PostgreSQL is down
 /// and answers 503 until it is back. Acquiring a connection is bounded by
