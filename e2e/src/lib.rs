@@ -224,6 +224,18 @@ impl Stack {
             .unwrap()
     }
 
+    /// Whether the record's JSON is in this test's cache, looked up in Redis
+    /// itself: a read through the query API would fill it on a miss.
+    pub async fn cached(&self, id: &uuid::Uuid) -> bool {
+        let client = redis::Client::open(self.settings.redis_url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("EXISTS")
+            .arg(shared::redis::Keys::new(&self.settings.redis_prefix).record(id))
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
     /// Deletes this test's keys only: other tests share the Redis server.
     pub async fn flush_redis(&self) {
         let client = redis::Client::open(self.settings.redis_url.as_str()).unwrap();
