@@ -224,11 +224,19 @@ impl Stack {
             .unwrap()
     }
 
+    /// A connection to the Redis server the stack's services use.
+    async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.settings.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
     /// Whether the record's JSON is in this test's cache, looked up in Redis
     /// itself: a read through the query API would fill it on a miss.
     pub async fn cached(&self, id: &uuid::Uuid) -> bool {
-        let client = redis::Client::open(self.settings.redis_url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut conn = self.redis().await;
         redis::cmd("EXISTS")
             .arg(shared::redis::Keys::new(&self.settings.redis_prefix).record(id))
             .query_async(&mut conn)
@@ -238,8 +246,7 @@ impl Stack {
 
     /// Deletes this test's keys only: other tests share the Redis server.
     pub async fn flush_redis(&self) {
-        let client = redis::Client::open(self.settings.redis_url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut conn = self.redis().await;
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}r:*", self.settings.redis_prefix))
             .query_async(&mut conn)

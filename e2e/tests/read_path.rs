@@ -752,8 +752,9 @@ async fn rebuild_while_records_are_written_loses_none() {
                 let items: Vec<Value> = (i..i + 10).map(|i| rec("rbw", i)).collect();
                 i += 10;
                 // A stall of the machine under the rebuild can answer a batch
-                // 503 with Retry-After (its transaction rolled back; seen on a
-                // slow VM): a client sends it again, and so does this one.
+                // 503 with Retry-After (seen on a slow VM): a client sends it
+                // again, and so does this one. Only acknowledged records are
+                // counted, and the last check compares whole tables.
                 let mut refusals = 0;
                 let r = loop {
                     let r = http
