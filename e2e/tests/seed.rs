@@ -3,8 +3,10 @@
 //! without deferred indexes, and a seed that died with its indexes dropped is
 //! healed by the next one. The watermark does not pass a seed still being
 //! copied, and a seed killed half-way leaves nothing the projector does not
-//! heal. A seed that would not fit on the databases' disk writes nothing, and
-//! the services' statement timeout does not bound a seed's statements.
+//! heal. With no projector running, the seed moves the watermark itself
+//! when nothing below it is missing. A seed that would not fit on the
+//! databases' disk writes nothing, and the services' statement timeout does
+//! not bound a seed's statements.
 
 use std::{
     process::Stdio,
@@ -224,6 +226,90 @@ async fn a_seed_is_not_bound_by_the_services_statement_timeout() {
     assert_eq!(stack.count(&stack.write_db, "records").await, 20_000);
     assert_eq!(stack.count(&stack.read_db, "records").await, 20_000);
     stack.stop().await;
+}
+
+/// With no projector running, the seed moves the watermark over what it
+/// wrote, and announces it, so its records are readable when it ends (they
+/// were not until a projector started and had read the whole seed back: 20 s
+/// for 10 M). Not over a record no projector has applied yet below the
+/// seed's range, though: then the projector, once started, verifies the seed
+/// and shows its progress on the way, not only at the end.
+#[tokio::test]
+async fn a_seed_with_no_projector_running_moves_the_watermark_itself() {
+    let mut stack = Stack::start().await;
+    stack.kill_projector().await;
+    let out = seed(
+        &stack,
+        &["--count", "3000", "--part", "1000", "--defer-indexes", "no"],
+    )
+    .await;
+    assert!(out.contains("watermark 3000:"), "{out}");
+    assert_eq!(stored_watermark(&stack.read_db).await, 3000);
+    // The query API learns it from Redis, as from a projector.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = stack.get("/data?limit=5").await;
+        assert_eq!(res.status(), 200);
+        let seen = res
+            .headers()
+            .get("x-projection-seq")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok());
+        let page: Value = res.json().await.unwrap();
+        if seen == Some(3000) {
+            assert_eq!(page["items"].as_array().unwrap().len(), 5);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the query API never saw the seed's watermark (last {seen:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let live = stack
+        .post(&json!({"kind": "live", "payload": {"n": 1}}))
+        .await;
+    let live = live["seq"].as_i64().unwrap();
+    let count = 250_000;
+    let out = seed(
+        &stack,
+        &["--count", &count.to_string(), "--defer-indexes", "no"],
+    )
+    .await;
+    assert!(out.contains("watermark left to the projector"), "{out}");
+    assert_eq!(
+        stored_watermark(&stack.read_db).await,
+        3000,
+        "the seed moved the watermark over a record not in the read model"
+    );
+
+    stack.start_projector(false).await;
+    let end = live + count;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        let w = stored_watermark(&stack.read_db).await;
+        seen.insert(w);
+        if w >= end {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the projector stopped at {w}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        seen.iter().any(|w| *w > live && *w < end),
+        "the watermark jumped over the seed with no step between: {seen:?}"
+    );
+    assert_eq!(sums(&stack.read_db).await, sums(&stack.write_db).await);
+    stack.stop().await;
+}
+
+async fn stored_watermark(read: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT watermark FROM projection_state")
+        .fetch_one(read)
+        .await
+        .unwrap()
 }
 
 async fn sums(db: &PgPool) -> (i64, i64) {

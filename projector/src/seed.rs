@@ -12,9 +12,11 @@
 //! then verifies it and advances over it, and over live writes made
 //! meanwhile. A part commits in the read model only after the write log: a
 //! seed that dies leaves records the projector catches up from the write
-//! log, never records the write log does not have. The cache is left cold
-//! (it fills on reads), and nothing stale can be in it because records are
-//! immutable.
+//! log, never records the write log does not have. With no projector
+//! running, the seed moves the watermark over each part itself when nothing
+//! below the part is missing (`watermark::advance_over_seed`). The cache is
+//! left cold (it fills on reads), and nothing stale can be in it because
+//! records are immutable.
 //!
 //! With deferred indexes (by default when the seed at least doubles the read
 //! model) the read model's secondary indexes are dropped and built once at
@@ -35,6 +37,7 @@ use shared::{
 use crate::copy_binary::BinaryCopy;
 use crate::disk_space;
 use crate::indexes::{self, Defer};
+use crate::watermark;
 use uuid::Uuid;
 
 pub struct Options {
@@ -141,7 +144,9 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
         indexes::defer(&read).await?;
     }
     let o = std::sync::Arc::new(o);
+    let redis = shared::redis::pool(settings, 1)?;
     let (mut done, mut parts, mut first, mut last) = (0u64, 0u32, 0i64, 0i64);
+    let mut watermark = None;
     while done < count {
         let n = o.part.min(count - done);
         let at = seed_part(&write, &read, &o, n).await?;
@@ -151,6 +156,7 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
         last = at + n as i64 - 1;
         done += n;
         parts += 1;
+        watermark = watermark::advance_over_seed(settings, &redis, at, last).await?;
     }
     let copy_secs = started.elapsed().as_secs_f64();
     // Fresh statistics for the planner (autovacuum may be off or late);
@@ -182,6 +188,13 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
             String::new()
         }
     );
+    match watermark {
+        Some(w) => println!("watermark {w}: every seeded record is readable"),
+        None => println!(
+            "watermark left to the projector: it keeps it, or records written before the seed \
+             are not projected yet; it moves over the seed once it has verified it"
+        ),
+    }
     Ok(())
 }
 
