@@ -144,7 +144,10 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
         indexes::defer(&read).await?;
     }
     let o = std::sync::Arc::new(o);
-    let redis = shared::redis::pool(settings, 1)?;
+    let (redis, keys) = (
+        shared::redis::pool(settings, 1)?,
+        shared::redis::Keys::new(&settings.redis_prefix),
+    );
     let (mut done, mut parts, mut first, mut last) = (0u64, 0u32, 0i64, 0i64);
     let mut watermark = None;
     while done < count {
@@ -156,7 +159,7 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
         last = at + n as i64 - 1;
         done += n;
         parts += 1;
-        watermark = watermark::advance_over_seed(settings, &redis, at, last).await?;
+        watermark = watermark::advance_over_seed(&read, &redis, &keys, at, last).await?;
     }
     let copy_secs = started.elapsed().as_secs_f64();
     // Fresh statistics for the planner (autovacuum may be off or late);

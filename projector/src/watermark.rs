@@ -74,11 +74,7 @@ pub async fn run(
     while !shutdown.is_triggered() {
         match PgConnection::connect(settings.read_primary_url()).await {
             Ok(mut lock) => {
-                let leader: Result<bool, _> = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                    .bind(LEADER_LOCK)
-                    .fetch_one(&mut lock)
-                    .await;
-                if let Ok(true) = leader {
+                if let Ok(true) = try_lead(&mut lock).await {
                     tracing::info!("this projector keeps the watermark");
                     let mut tracker = Tracker::new(write.clone(), applier.clone(), &settings);
                     if let Err(e) = tracker.lead(&mut lock, &wake, &mut shutdown).await {
@@ -466,17 +462,15 @@ async fn tell_redis(redis: &RedisPool, keys: &Keys, w: i64) -> Result<(), String
 /// the part itself) or records below the part are not in the read model yet
 /// (the projector catches them up, then moves over the part).
 pub async fn advance_over_seed(
-    settings: &Settings,
+    read: &PgPool,
     redis: &RedisPool,
+    keys: &Keys,
     first: i64,
     last: i64,
 ) -> Result<Option<i64>, WatermarkError> {
-    let mut lock = PgConnection::connect(settings.read_primary_url()).await?;
-    let alone: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(LEADER_LOCK)
-        .fetch_one(&mut lock)
-        .await?;
-    let moved = if alone {
+    // Out of the pool for good: closing it ends the session, and the lock.
+    let mut lock = read.acquire().await?.detach();
+    let moved = if try_lead(&mut lock).await? {
         let moved: Option<i64> = sqlx::query_scalar(
             "UPDATE projection_state SET watermark = $2, updated_at = now() \
              WHERE watermark >= $1 - 1 AND watermark < $2 RETURNING watermark",
@@ -486,7 +480,7 @@ pub async fn advance_over_seed(
         .fetch_optional(&mut lock)
         .await?;
         if let Some(w) = moved {
-            if let Err(e) = tell_redis(redis, &Keys::new(&settings.redis_prefix), w).await {
+            if let Err(e) = tell_redis(redis, keys, w).await {
                 // The read model has it: a projector announces it when it
                 // starts, and the query API reads it there while Redis is down.
                 tracing::warn!(error = %e, "could not announce the watermark on Redis");
@@ -496,9 +490,16 @@ pub async fn advance_over_seed(
     } else {
         None
     };
-    // Ends the session, and with it the lock.
     lock.close().await?;
     Ok(moved)
+}
+
+/// The leader's lock, on a session of its own: held until that session ends.
+async fn try_lead(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(LEADER_LOCK)
+        .fetch_one(conn)
+        .await
 }
 
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
